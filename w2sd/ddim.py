@@ -1,0 +1,96 @@
+"""The DDIM update between two explicit timesteps: denoising (t_to < t_from) and inversion (t_to > t_from).
+
+One function serves both directions (Song et al. 2021, Eq. 12; with eta = 0 the update is the exact
+discretisation of the probability-flow ODE in (x / sqrt(ab), sqrt(1/ab - 1)) coordinates, hence invertible):
+
+    x0_hat = (x_from - sqrt(1 - ab_from) eps) / sqrt(ab_from)                       # predicted clean sample
+    x_to   = sqrt(ab_to) x0_hat + sqrt(1 - ab_to - s^2) eps + s z,  z ~ N(0, I)     # s = eta * sigma_DDIM
+
+    sigma_DDIM^2 = (1 - ab_to) / (1 - ab_from) * (1 - ab_from / ab_to)   (denoising only; diffusers' _get_variance)
+
+Arithmetic runs in the dtype of ``x`` with float64 Python scalars for the coefficients, which reproduces
+diffusers' ``DDIMScheduler.step`` and ``DDIMInverseScheduler.step`` for the same (t_from, t_to) pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedule import NoiseSchedule
+
+
+def split_model_output(
+    model_output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert a model output at level ``alpha_bar`` into ``(x0_hat, eps_hat)``.
+
+    epsilon: x0 = (x - sqrt(1-ab) eps) / sqrt(ab);   v_prediction: x0 = sqrt(ab) x - sqrt(1-ab) v,
+    eps = sqrt(ab) v + sqrt(1-ab) x;   sample: x0 = output, eps = (x - sqrt(ab) x0) / sqrt(1-ab).
+    """
+    a, b = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    if prediction_type == "epsilon":
+        return (x - b * model_output) / a, model_output
+    if prediction_type == "v_prediction":
+        return a * x - b * model_output, a * model_output + b * x
+    if prediction_type == "sample":
+        return model_output, (x - a * model_output) / b
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+
+
+def ddim_variance(schedule: NoiseSchedule, t_from: int, t_to: int) -> float:
+    """Variance of the DDIM posterior between two levels (diffusers' ``_get_variance(t_from, t_to)``)."""
+    ab_from, ab_to = schedule.alpha_bar(t_from), schedule.alpha_bar(t_to)
+    return (1.0 - ab_to) / (1.0 - ab_from) * (1.0 - ab_from / ab_to)
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    x: torch.Tensor,
+    t_from: int,
+    t_to: int,
+    schedule: NoiseSchedule,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    use_clipped_model_output: bool = False,
+) -> torch.Tensor:
+    """Move ``x`` from level ``t_from`` to level ``t_to`` with the DDIM update.
+
+    Args:
+        model_output: the denoiser's output at ``(x, t_from)`` in the schedule's ``prediction_type``, shape of x.
+        x: the current latent, shape (B, ...).
+        t_from, t_to: train timesteps; ``-1`` is the final level (``final_alpha_cumprod``). ``t_to < t_from``
+            denoises, ``t_to > t_from`` inverts (diffusers' ``DDIMInverseScheduler``), ``t_to == t_from`` is
+            the identity up to rounding.
+        eta: stochasticity (0 = deterministic DDIM, 1 = DDPM-like). Only allowed when denoising.
+        generator / noise: the source of the eta noise (``noise`` wins if both are given).
+        use_clipped_model_output: recompute eps from the clipped x0 (diffusers' option of the same name).
+    Returns:
+        the latent at level ``t_to``, same shape and dtype as ``x``.
+    """
+    if model_output.shape != x.shape:
+        raise ValueError(f"model output shape {tuple(model_output.shape)} differs from latent shape {tuple(x.shape)}")
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    inverting = t_to > t_from  # FINAL (-1) sorts below every train timestep, as it should
+    if eta > 0 and inverting:
+        raise ValueError(
+            f"eta > 0 is only allowed when denoising; DDIM inversion ({t_from} -> {t_to}) is deterministic (eta = 0)"
+        )
+    ab_from, ab_to = schedule.alpha_bar(t_from), schedule.alpha_bar(t_to)
+    x0, eps = split_model_output(model_output, x, ab_from, schedule.prediction_type)
+    if schedule.clip_sample:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+        if use_clipped_model_output:
+            eps = (x - math.sqrt(ab_from) * x0) / math.sqrt(1.0 - ab_from)
+    std = eta * math.sqrt(ddim_variance(schedule, t_from, t_to)) if eta > 0 else 0.0
+    x_to = math.sqrt(ab_to) * x0 + math.sqrt(1.0 - ab_to - std**2) * eps
+    if std > 0:
+        if noise is None:
+            # Draw on the generator's device (a CPU generator for CUDA latents, as diffusers' randn_tensor does).
+            device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+        x_to = x_to + std * noise
+    return x_to
