@@ -21,15 +21,40 @@ import torch
 from .schedule import NoiseSchedule
 
 
+def _step_coefficients(ab_from: float, ab_to: float, eta: float, precision: str) -> tuple[float, float, float, float, float]:
+    """(sqrt(ab_from), sqrt(1-ab_from), sqrt(ab_to), sqrt(1-ab_to-std^2), std) in the requested precision.
+
+    In "float32" every operation is rounded to float32 in the order diffusers' DDIMScheduler.step performs it.
+    """
+    if precision == "float64":
+        std = eta * math.sqrt(_variance(ab_from, ab_to)) if eta > 0 else 0.0
+        return math.sqrt(ab_from), math.sqrt(1.0 - ab_from), math.sqrt(ab_to), math.sqrt(1.0 - ab_to - std**2), std
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731  (diffusers' 0-dim float32 tensors)
+    a_t, a_prev = f(ab_from), f(ab_to)
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    std = f(0.0)
+    if eta > 0:
+        variance = (b_prev / b_t) * (1 - a_t / a_prev)
+        std = eta * variance ** (0.5)
+    coeffs = (a_t ** (0.5), b_t ** (0.5), a_prev ** (0.5), (1 - a_prev - std**2) ** (0.5), std)
+    return tuple(float(c) for c in coeffs)  # type: ignore[return-value]
+
+
+def _variance(ab_from: float, ab_to: float) -> float:
+    return (1.0 - ab_to) / (1.0 - ab_from) * (1.0 - ab_from / ab_to)
+
+
 def split_model_output(
-    model_output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: str
+    model_output: torch.Tensor, x: torch.Tensor, alpha_bar: float, prediction_type: str,
+    sqrt_alpha_bar: float | None = None, sqrt_one_minus_alpha_bar: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert a model output at level ``alpha_bar`` into ``(x0_hat, eps_hat)``.
 
     epsilon: x0 = (x - sqrt(1-ab) eps) / sqrt(ab);   v_prediction: x0 = sqrt(ab) x - sqrt(1-ab) v,
     eps = sqrt(ab) v + sqrt(1-ab) x;   sample: x0 = output, eps = (x - sqrt(ab) x0) / sqrt(1-ab).
     """
-    a, b = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    a = math.sqrt(alpha_bar) if sqrt_alpha_bar is None else sqrt_alpha_bar
+    b = math.sqrt(1.0 - alpha_bar) if sqrt_one_minus_alpha_bar is None else sqrt_one_minus_alpha_bar
     if prediction_type == "epsilon":
         return (x - b * model_output) / a, model_output
     if prediction_type == "v_prediction":
@@ -41,8 +66,7 @@ def split_model_output(
 
 def ddim_variance(schedule: NoiseSchedule, t_from: int, t_to: int) -> float:
     """Variance of the DDIM posterior between two levels (diffusers' ``_get_variance(t_from, t_to)``)."""
-    ab_from, ab_to = schedule.alpha_bar(t_from), schedule.alpha_bar(t_to)
-    return (1.0 - ab_to) / (1.0 - ab_from) * (1.0 - ab_from / ab_to)
+    return _variance(schedule.alpha_bar(t_from), schedule.alpha_bar(t_to))
 
 
 def ddim_step(
@@ -80,13 +104,13 @@ def ddim_step(
             f"eta > 0 is only allowed when denoising; DDIM inversion ({t_from} -> {t_to}) is deterministic (eta = 0)"
         )
     ab_from, ab_to = schedule.alpha_bar(t_from), schedule.alpha_bar(t_to)
-    x0, eps = split_model_output(model_output, x, ab_from, schedule.prediction_type)
+    a_from, b_from, a_to, direction, std = _step_coefficients(ab_from, ab_to, eta, schedule.coefficients)
+    x0, eps = split_model_output(model_output, x, ab_from, schedule.prediction_type, a_from, b_from)
     if schedule.clip_sample:
         x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
         if use_clipped_model_output:
-            eps = (x - math.sqrt(ab_from) * x0) / math.sqrt(1.0 - ab_from)
-    std = eta * math.sqrt(ddim_variance(schedule, t_from, t_to)) if eta > 0 else 0.0
-    x_to = math.sqrt(ab_to) * x0 + math.sqrt(1.0 - ab_to - std**2) * eps
+            eps = (x - a_from * x0) / b_from
+    x_to = a_to * x0 + direction * eps
     if std > 0:
         if noise is None:
             # Draw on the generator's device (a CPU generator for CUDA latents, as diffusers' randn_tensor does).

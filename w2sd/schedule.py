@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -25,6 +25,10 @@ FINAL = -1
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# "float64": DDIM coefficients in double precision (the default; exact for float64 toys).
+# "float32": coefficients rounded to float32 at every operation exactly as diffusers' 0-dim float32 tensors do,
+# which reproduces DDIMScheduler / DDIMInverseScheduler bit for bit even on float64 latents.
+COEFFICIENT_PRECISIONS = ("float64", "float32")
 
 # Keys of a diffusers scheduler_config.json that DDIM understands; everything else (Euler-only keys such as
 # interpolation_type, use_karras_sigmas, skip_prk_steps, _class_name) is ignored on purpose.
@@ -66,6 +70,7 @@ class NoiseSchedule:
     prediction_type: str = "epsilon"
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    coefficients: str = "float64"
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +78,8 @@ class NoiseSchedule:
             raise ConfigError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.coefficients not in COEFFICIENT_PRECISIONS:
+            raise ConfigError(f"coefficients must be one of {COEFFICIENT_PRECISIONS}, got {self.coefficients!r}")
         if self.steps_offset < 0:
             raise ConfigError(f"steps_offset must be >= 0, got {self.steps_offset}")
 
@@ -91,6 +98,7 @@ class NoiseSchedule:
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         trained_betas: Any = None,
+        coefficients: str = "float64",
     ) -> "NoiseSchedule":
         """Build a schedule; the defaults are Stable Diffusion XL's (scheduler_config.json of SDXL base 1.0)."""
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
@@ -121,6 +129,7 @@ class NoiseSchedule:
             prediction_type=prediction_type,
             clip_sample=bool(clip_sample),
             clip_sample_range=float(clip_sample_range),
+            coefficients=coefficients,
             config=config,
         )
 
@@ -130,7 +139,8 @@ class NoiseSchedule:
         return cls.create()
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike) -> "NoiseSchedule":
+    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike, coefficients: str = "float64"
+                    ) -> "NoiseSchedule":
         """Build from a diffusers ``scheduler_config.json`` (a dict, a file, or a folder holding one).
 
         SDXL folders ship an EulerDiscreteScheduler config; DDIM reuses its schedule keys and ignores the rest.
@@ -159,7 +169,11 @@ class NoiseSchedule:
                 kwargs[key] = config[key]
         if "set_alpha_to_zero" in config and "set_alpha_to_one" not in config:  # deprecated inverse-scheduler key
             kwargs["set_alpha_to_one"] = bool(config["set_alpha_to_zero"])
-        return cls.create(**kwargs)
+        return cls.create(**kwargs, coefficients=coefficients)
+
+    def with_coefficients(self, coefficients: str) -> "NoiseSchedule":
+        """The same schedule with another coefficient precision (see ``COEFFICIENT_PRECISIONS``)."""
+        return replace(self, coefficients=coefficients)
 
     # ------------------------------------------------------------------ queries
     @property
