@@ -1,4 +1,4 @@
-"""Test helper: the real CLIP BPE vocabulary and reference tokenizers, built offline from ``bpe_simple_vocab_16e6.txt.gz``.
+"""Test helper: the real CLIP BPE vocabulary and reference tokenizers, built offline from the BPE merges file.
 
 The vocab follows openai/CLIP ``simple_tokenizer.py`` (research note sdxl.md §4.1): 256 byte-chars, the same with
 ``</w>``, one token per merge for merges[1 : 49152-256-2+1], then ``<|startoftext|>`` (49406) and
@@ -34,7 +34,7 @@ def bpe_path() -> Path:
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2 byte -> visible unicode char table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

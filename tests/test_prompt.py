@@ -164,7 +164,8 @@ def _run_both(force_zeros=True, prompt="a photo of an astronaut riding a horse",
 
 
 def test_oracle_versions():
-    print(f"oracle: diffusers {diffusers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"oracle: diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+    print(f"torch {torch.__version__}")
     print(f"tokenizer under test: {'w2sd' if W2SDTokenizer is not None else 'transformers (wrapped)'}")
 
 
@@ -269,7 +270,8 @@ def test_add_time_ids_match_pipeline(original, crop, target, dtype):
     ref = pipe._get_add_time_ids(original, crop, target, dtype=dtype, text_encoder_projection_dim=proj)
     ours = add_time_ids(original, crop, target, dtype=dtype)
     assert ours.shape == (1, 6) and ours.dtype == ref.dtype and torch.equal(ours, ref)
-    check_add_embedding_dim(pipe.unet.config.addition_time_embed_dim, proj, pipe.unet.add_embedding.linear_1.in_features)
+    unet = pipe.unet
+    check_add_embedding_dim(unet.config.addition_time_embed_dim, proj, unet.add_embedding.linear_1.in_features)
 
 
 def test_negative_add_time_ids_and_checks():

@@ -70,7 +70,7 @@ def _ids(eos_positions: list[int], eos_id: int, pad_id: int, seed: int = SEED + 
 
 
 def _save_and_reload(hf_model, tmp_path, prefix: str) -> dict[str, torch.Tensor]:
-    """save_pretrained, then rewrite the file with keys forced to have ('add') / lack ('strip') the text_model. prefix."""
+    """save_pretrained, then rewrite the file so keys have ('add') / lack ('strip') the text_model. prefix."""
     hf_model.save_pretrained(tmp_path / "te")
     path = tmp_path / "te" / "model.safetensors"
     sd = load_file(str(path))

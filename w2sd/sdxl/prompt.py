@@ -127,7 +127,8 @@ def encode_prompt(
         raise ValueError(
             f"tokenizers/text_encoders: expected 1 or 2 of each, paired, got {len(tokenizers)} and {len(text_encoders)}"
         )
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+    n = num_images_per_prompt
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_images_per_prompt: expected an int >= 1, got {num_images_per_prompt!r}")
     if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 0):
         raise ValueError(f"clip_skip: expected None or an int >= 0, got {clip_skip!r}")
@@ -139,13 +140,14 @@ def encode_prompt(
     last = text_encoders[-1]
     device = torch.device(device) if device is not None else last.device
     layer = PENULTIMATE if clip_skip is None else -(clip_skip + 2)
-    n = num_images_per_prompt
 
     with torch.no_grad():
         # with one encoder (refiner) only `prompts` is used, as in diffusers' zip over [prompt, prompt_2]
         embeds, pooled = _encode([prompt_list, prompt_2_list], tokenizers, text_encoders, layer)
         if pooled is None:
-            raise ValueError("text_encoders: none has a text_projection (CLIPTextModelWithProjection) for the pooled output")
+            raise ValueError(
+                "text_encoders: none has a text_projection (CLIPTextModelWithProjection) for the pooled output"
+            )
 
         neg_embeds = neg_pooled = None
         if do_cfg and negative_prompts is None and force_zeros_for_empty_prompt:
@@ -226,7 +228,10 @@ def negative_add_time_ids(
 
 
 def check_add_embedding_dim(
-    addition_time_embed_dim: int, text_encoder_projection_dim: int, add_embedding_in_features: int, num_time_ids: int = 6
+    addition_time_embed_dim: int,
+    text_encoder_projection_dim: int,
+    add_embedding_in_features: int,
+    num_time_ids: int = 6,
 ) -> None:
     """Raise ValueError when ``addition_time_embed_dim * 6 + projection_dim`` differs from the UNet's
     ``add_embedding.linear_1.in_features`` (SDXL base: 256 * 6 + 1280 = 2816), as the pipeline does."""
