@@ -133,7 +133,7 @@ class UNetConfig:
                 allowed = _MUST_EQUAL[key]
                 if value not in allowed:
                     raise CheckpointError(
-                        f"UNet config {key}={value!r} is not supported (supported: "
+                        f"UNet config {key}={_to_list(value)!r} is not supported (supported: "
                         f"{' or '.join(repr(a) for a in allowed)})")
                 extra[key] = value
             elif key in _NO_EFFECT_KEYS:
@@ -147,7 +147,7 @@ class UNetConfig:
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         def bad(key: str, why: str) -> CheckpointError:
-            return CheckpointError(f"UNet config {key}={getattr(self, key)!r}: {why}")
+            return CheckpointError(f"UNet config {key}={_to_list(getattr(self, key))!r}: {why}")
 
         n = len(self.down_block_types)
         if n == 0:
