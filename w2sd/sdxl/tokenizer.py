@@ -43,6 +43,8 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 _UNSET_MAX_LENGTH = 10**6  # transformers writes 1e30 for "no limit"; anything above this means unset
 _END_OF_WORD = "</w>"
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+_SPECIAL_DEFAULTS = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
 _CACHE_LIMIT = 200_000
 
 
@@ -77,6 +79,14 @@ def _read_json(path: str) -> Any:
         raise CheckpointError(f"{path}: malformed JSON ({e})") from e
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _parse_merge(item: Any, where: str) -> tuple[str, str]:
@@ -236,21 +246,21 @@ class CLIPTokenizer:
     ) -> "CLIPTokenizer":
         """Tokenizer from a transformers/diffusers tokenizer folder.
 
-        Reads ``tokenizer.json`` when present, else ``vocab.json`` + ``merges.txt``; then ``added_tokens.json``,
-        ``tokenizer_config.json`` (``added_tokens_decoder``, special tokens, ``model_max_length``) and
-        ``special_tokens_map.json`` (which wins over ``tokenizer_config.json``, as in transformers). Without config
-        files the pad token is ``tokenizer.json``'s padding token or ``<|endoftext|>``. ``pad_token`` and
-        ``max_length`` override the files; a missing or "unlimited" model_max_length means 77.
+        Reads ``tokenizer.json`` when present, else ``vocab.json`` + ``merges.txt``; then, as transformers 5 does,
+        ``tokenizer_config.json`` (special tokens, ``model_max_length``, ``added_tokens_decoder``) and, only when
+        that has no ``added_tokens_decoder``, the legacy ``special_tokens_map.json`` and ``added_tokens.json``.
+        Without config files the pad token is ``<|endoftext|>`` (``tokenizer.json``'s padding entry is ignored, as in
+        transformers). ``pad_token`` and ``max_length`` override the files; a missing or "unlimited"
+        ``model_max_length`` (transformers writes 1e30) means 77.
         """
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"tokenizer folder {folder!r} does not exist")
         p = lambda name: os.path.join(folder, name)  # noqa: E731
         added: dict[int, AddedToken] = {}
-        json_pad: str | None = None
         if os.path.isfile(p("tokenizer.json")):
             source = p("tokenizer.json")
-            vocab, merges, added, json_pad = _read_tokenizer_json(source)
+            vocab, merges, added = _read_tokenizer_json(source)
         elif os.path.isfile(p("vocab.json")) or os.path.isfile(p("merges.txt")):
             for name in ("vocab.json", "merges.txt"):
                 if not os.path.isfile(p(name)):
@@ -264,45 +274,55 @@ class CLIPTokenizer:
             raise CheckpointError(f"{folder}: no tokenizer.json and no vocab.json + merges.txt")
 
         config: dict[str, Any] = {}
-        if os.path.isfile(p("added_tokens.json")):
-            extra = _read_json(p("added_tokens.json"))
-            if not isinstance(extra, dict):
-                raise CheckpointError(f"{p('added_tokens.json')}: expected a JSON object token -> id")
-            for content, idx in extra.items():
-                if not isinstance(idx, int):
-                    raise CheckpointError(f"{p('added_tokens.json')}: id of {content!r} must be an integer")
-                added.setdefault(idx, AddedToken(content, idx, normalized=False, special=False))
         if os.path.isfile(p("tokenizer_config.json")):
-            config = _read_json(p("tokenizer_config.json"))
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{p('tokenizer_config.json')}: expected a JSON object")
-            for idx, entry in (config.get("added_tokens_decoder") or {}).items():
-                added[int(idx)] = _added_token_from_dict(entry, int(idx), p("tokenizer_config.json"))
-        special = {k: config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        if os.path.isfile(p("special_tokens_map.json")):
-            smap = _read_json(p("special_tokens_map.json"))
-            if not isinstance(smap, dict):
-                raise CheckpointError(f"{p('special_tokens_map.json')}: expected a JSON object")
-            special.update({k: v for k, v in smap.items() if k in special and v is not None})
-        if special["pad_token"] is None and json_pad is not None:
-            special["pad_token"] = json_pad
+            config = _read_json_object(p("tokenizer_config.json"))
+        special: dict[str, Any] = {k: config.get(k) for k in _SPECIAL_KEYS}
+        decoder = config.get("added_tokens_decoder")
+        if decoder is not None:
+            # transformers 5: with an added_tokens_decoder the config is authoritative; special_tokens_map.json and
+            # added_tokens.json are not read.
+            if not isinstance(decoder, dict):
+                raise CheckpointError(f"{p('tokenizer_config.json')}: added_tokens_decoder must be an object")
+            for idx, entry in decoder.items():
+                try:
+                    i = int(idx)
+                except ValueError:
+                    raise CheckpointError(f"{p('tokenizer_config.json')}: added token id {idx!r} is not an integer") from None
+                added[i] = _added_token_from_dict(entry, i, p("tokenizer_config.json"))
+        else:
+            # Legacy layout: special_tokens_map.json overrides the config; added_tokens.json lists extra tokens,
+            # normalized unless they are special (tokenizer.json's added tokens win on the same id).
+            if os.path.isfile(p("special_tokens_map.json")):
+                smap = _read_json_object(p("special_tokens_map.json"))
+                special.update({k: smap[k] for k in _SPECIAL_KEYS if smap.get(k) is not None})
+            if os.path.isfile(p("added_tokens.json")):
+                extra = _read_json_object(p("added_tokens.json"))
+                special_contents = {_token_entry(v)[0] for v in special.values() if v is not None}
+                if pad_token is not None:
+                    special_contents.add(pad_token)
+                for content, idx in extra.items():
+                    if not isinstance(idx, int):
+                        raise CheckpointError(f"{p('added_tokens.json')}: id of {content!r} must be an integer")
+                    is_special = content in special_contents
+                    added.setdefault(idx, AddedToken(content, idx, normalized=not is_special, special=is_special))
         if pad_token is not None:
             special["pad_token"] = pad_token
 
+        # bos/eos/unk/pad that are not added tokens yet become special raw-text added tokens, as in transformers.
         by_content = {t.content: t for t in added.values()}
         names: dict[str, str] = {}
-        for key, default in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN), ("unk_token", EOS_TOKEN),
-                             ("pad_token", EOS_TOKEN)):
+        for key in _SPECIAL_KEYS:
             content, flags = _token_entry(special[key])
-            content = default if content is None else content
+            content = _SPECIAL_DEFAULTS[key] if content is None else content
             names[key] = content
             if content in by_content:
                 continue
             if content not in vocab:
                 raise CheckpointError(f"{folder}: {key} {content!r} is not in the vocabulary")
-            tok = AddedToken(content, vocab[content], normalized=flags.get("normalized", False),
-                             lstrip=flags.get("lstrip", False), rstrip=flags.get("rstrip", False))
-            by_content[content] = tok
+            by_content[content] = AddedToken(
+                content, vocab[content], normalized=flags.get("normalized", False),
+                lstrip=flags.get("lstrip", False), rstrip=flags.get("rstrip", False),
+            )
         if max_length is None:
             configured = config.get("model_max_length")
             max_length = (
@@ -447,8 +467,11 @@ def _added_token_from_dict(entry: Any, idx: int, where: str) -> AddedToken:
     return tok
 
 
-def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]], dict[int, AddedToken], str | None]:
-    """Vocab, merges, added tokens and padding token from a tokenizers ``tokenizer.json``."""
+def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]], dict[int, AddedToken]]:
+    """Vocab, merges and added tokens from a tokenizers ``tokenizer.json``.
+
+    Its ``padding`` entry is ignored, as transformers does: the pad token comes from the config files.
+    """
     data = _read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
@@ -469,6 +492,4 @@ def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
             raise CheckpointError(f"{path}: added_tokens entry without an integer 'id': {entry!r}")
         added[entry["id"]] = _added_token_from_dict(entry, entry["id"], path)
-    padding = data.get("padding")
-    pad = padding.get("pad_token") if isinstance(padding, dict) else None
-    return vocab, merges, added, pad
+    return vocab, merges, added
