@@ -12,7 +12,8 @@ untouched (strict ``load_state_dict`` keeps working) and detaching restores the 
 ``scale`` is a ``LoRAScale`` shared by every branch of one attached LoRA and read at forward time, so switching
 scale (W2SD switches strong / weak / main three times per step) is one float assignment: no weight merge, no module
 rebuild. Scale 0 skips the branch compute. The branch runs in the base weight's dtype and device; the LoRA tensors
-are cast once per (device, dtype) and cached.
+are cast once per (device, dtype) and cached. ``copy.deepcopy`` of a model does not carry its LoRAs (the copy
+computes the base output; attach again to the copy).
 """
 
 from __future__ import annotations
@@ -114,6 +115,18 @@ class LoRABranch:
     def remove(self) -> None:
         """Uninstall the hook (idempotent)."""
         self._hook.remove()
+
+    def __deepcopy__(self, memo: dict) -> "_InertBranch":
+        # copy.deepcopy(model) copies its forward hooks. A copy is not known to any LoRAHandle (its scale could not
+        # be switched or detached), so it gets an inert hook: the copied model computes its base output.
+        return _InertBranch()
+
+
+class _InertBranch:
+    """What a ``LoRABranch`` becomes in a ``copy.deepcopy`` of its model: a hook that changes nothing."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        return None
 
 
 def _fit_shapes(base: nn.Module, down: torch.Tensor, up: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
