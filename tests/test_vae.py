@@ -114,6 +114,7 @@ def test_config_from_saved_json(tiny):
     assert cfg.sample_size == saved["sample_size"] and cfg.use_quant_conv and cfg.use_post_quant_conv
     assert ours.scale_factor == 2 and cfg.scale_factor == 2
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+    assert VAEConfig.from_dict({"sample_size": [64, 96]}).sample_size == (64, 96)
     # SD 1.5's default scaling factor (diffusers' constructor default).
     assert VAEConfig.from_dict({}).scaling_factor == 0.18215
 
