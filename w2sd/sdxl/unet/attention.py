@@ -109,9 +109,11 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``x (B, L, dim)``, ``context (B, S, cross_attention_dim)`` -> ``(B, L, dim)``."""
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        x = self.ff(self.norm3(x)) + x
+        # Each branch ends in a Linear whose fresh output autograd does not need, so the residual is added in
+        # place into that output (no extra buffer; same values as ``branch + x``).
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        x = self.ff(self.norm3(x)).add_(x)
         return x
 
 
@@ -167,5 +169,6 @@ class Transformer2DModel(nn.Module):
             h = self.proj_out(h).view(b, hgt, wid, c).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last strides
         else:
             h = self.proj_out(h.view(b, hgt, wid, self.inner_dim).permute(0, 3, 1, 2).contiguous())
+            return h.add_(x)  # fresh conv output: add the residual in place
         # Residual first: the sum takes the NCHW-contiguous layout of x (one pass instead of copy + add).
         return x + h

@@ -64,7 +64,7 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(self.act(temb))[:, :, None, None]  # (B, Cout or 2*Cout, 1, 1)
             if self.time_embedding_norm == "default":
-                h = self.norm2(h + t)
+                h = self.norm2(h.add_(t))  # in place into the fresh conv1 output (conv backward needs no output)
             else:
                 scale, shift = t.chunk(2, dim=1)
                 h = self.norm2(h) * (1 + scale) + shift
@@ -72,9 +72,9 @@ class ResnetBlock2D(nn.Module):
             h = self.norm2(h)
         h = self.conv2(self.dropout(self.act(h)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = skip + h
+        out = h.add_(skip)  # in place into the fresh conv2 output; equals skip + h
         if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
+            out = out.div_(self.output_scale_factor)
         return out
 
 
