@@ -89,17 +89,22 @@ def _read_json_object(path: str) -> dict[str, Any]:
     return data
 
 
-def _parse_merge(item: Any, where: str) -> tuple[str, str]:
-    """One merge from a ``"a b"`` line or a ``["a", "b"]`` pair."""
-    if isinstance(item, str):
-        parts = item.split(" ")
-    elif isinstance(item, (list, tuple)):
-        parts = list(item)
-    else:
-        parts = []
-    if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+def _parse_merges(items: Iterable[tuple[Any, str]]) -> list[tuple[str, str]]:
+    """Merges from ``(item, where)`` pairs; an item is a ``"a b"`` line or an ``["a", "b"]`` pair."""
+    merges = []
+    for item, where in items:
+        if type(item) is str:
+            a, sep, b = item.partition(" ")
+            if sep and a and b and " " not in b:
+                merges.append((a, b))
+                continue
+        elif type(item) in (list, tuple) and len(item) == 2:
+            a, b = item
+            if type(a) is str and type(b) is str and a and b:
+                merges.append((a, b))
+                continue
         raise CheckpointError(f"{where}: a merge must be two symbols separated by one space, got {item!r}")
-    return parts[0], parts[1]
+    return merges
 
 
 def _read_merges_txt(path: str) -> list[tuple[str, str]]:
@@ -109,12 +114,9 @@ def _read_merges_txt(path: str) -> list[tuple[str, str]]:
             lines = f.read().split("\n")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not UTF-8 text ({e})") from e
-    merges = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line or line.startswith("#version"):
-            continue
-        merges.append(_parse_merge(line, f"{path} line {lineno}"))
-    return merges
+    return _parse_merges(
+        (line, f"{path} line {n}") for n, line in enumerate(lines, start=1) if line and not line.startswith("#version")
+    )
 
 
 def _token_entry(value: Any) -> tuple[str | None, dict[str, bool]]:
@@ -142,7 +144,7 @@ def load_bundled_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     except (OSError, EOFError) as e:
         raise CheckpointError(f"bundled BPE vocabulary w2sd/sdxl/{BUNDLED_VOCAB} is missing or corrupt ({e})") from e
     # Line 0 is a header; the file holds far more merges than CLIP uses.
-    merges = [_parse_merge(line, f"{BUNDLED_VOCAB} line {i + 2}") for i, line in enumerate(lines[1 : CLIP_NUM_MERGES + 1])]
+    merges = _parse_merges((line, f"{BUNDLED_VOCAB} line {i + 2}") for i, line in enumerate(lines[1 : CLIP_NUM_MERGES + 1]))
     chars = list(BYTE_TO_UNICODE.values())
     tokens = chars + [c + _END_OF_WORD for c in chars] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -230,8 +232,8 @@ class CLIPTokenizer:
         if pad_token not in vocab:
             raise ValueError(f"pad_token {pad_token!r} is not in the bundled CLIP vocabulary")
         added = [
-            AddedToken(BOS_TOKEN, vocab[BOS_TOKEN], normalized=True),
-            AddedToken(EOS_TOKEN, vocab[EOS_TOKEN], normalized=False),
+            AddedToken(BOS_TOKEN, vocab[BOS_TOKEN], normalized=True, special=False),
+            AddedToken(EOS_TOKEN, vocab[EOS_TOKEN], normalized=False, special=False),
         ]
         if pad_token not in (BOS_TOKEN, EOS_TOKEN):
             added.append(AddedToken(pad_token, vocab[pad_token], normalized=False))
@@ -425,6 +427,9 @@ class CLIPTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ids (byte-level decode; each end of word becomes a space). For messages and debugging."""
         added = {t.id: t for t in self.added_tokens}
+        # like transformers: bos/eos/unk/pad count as special whatever their added-token flag says
+        specials = {t.id for t in self.added_tokens if t.special}
+        specials |= {self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id}
         parts: list[str] = []
         buf: list[str] = []
 
@@ -441,7 +446,7 @@ class CLIPTokenizer:
             tok = added.get(i)
             if tok is None:
                 buf.append(self.decoder[i])
-            elif not (tok.special and skip_special_tokens):
+            elif not (i in specials and skip_special_tokens):
                 flush()
                 parts.append(tok.content + " ")
         flush()
@@ -486,7 +491,7 @@ def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str
     raw_merges = model.get("merges")
     if not isinstance(raw_merges, list):
         raise CheckpointError(f"{path}: model.merges must be a list")
-    merges = [_parse_merge(m, f"{path} model.merges[{i}]") for i, m in enumerate(raw_merges)]
+    merges = _parse_merges((m, f"{path} model.merges[{i}]") for i, m in enumerate(raw_merges))
     added: dict[int, AddedToken] = {}
     for entry in data.get("added_tokens") or []:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
