@@ -19,7 +19,6 @@ import gzip
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -60,14 +59,6 @@ class TokenBatch(NamedTuple):
     input_ids: torch.Tensor
     eos_positions: torch.Tensor
     num_truncated: list[int]
-
-
-@dataclass(frozen=True)
-class _SpecialNames:
-    bos: str = BOS_TOKEN
-    eos: str = EOS_TOKEN
-    unk: str = EOS_TOKEN
-    pad: str = EOS_TOKEN
 
 
 def _read_json(path: str) -> Any:
@@ -160,10 +151,11 @@ class CLIPTokenizer:
     Args:
         vocab: token -> id.
         merges: BPE merges, highest priority first.
-        special: names of bos / eos / unk / pad tokens (each must be in ``vocab``).
+        bos_token / eos_token / unk_token / pad_token: the special tokens (each in ``vocab`` or ``added_tokens``).
         added_tokens: tokens cut out of the text before BPE. bos, eos, unk and pad are added (raw-text match)
             when missing, as transformers does.
         model_max_length: padded length (77 for CLIP).
+        source: where the vocabulary came from, for error messages.
     """
 
     def __init__(
@@ -193,10 +185,9 @@ class CLIPTokenizer:
             raise ValueError(f"model_max_length must be >= 2 (room for bos and eos), got {model_max_length}")
         self.model_max_length = int(model_max_length)
 
-        names = _SpecialNames(bos=bos_token, eos=eos_token, unk=unk_token, pad=pad_token)
+        names = {"bos": bos_token, "eos": eos_token, "unk": unk_token, "pad": pad_token}
         added = {t.content: t for t in added_tokens}
-        for field in ("bos", "eos", "unk", "pad"):
-            content = getattr(names, field)
+        for field, content in names.items():
             if content not in self.encoder and content not in added:
                 raise CheckpointError(f"{source}: {field}_token {content!r} is not in the vocabulary")
             if content not in added:
@@ -211,11 +202,11 @@ class CLIPTokenizer:
             self.decoder.setdefault(tok.id, tok.content)
         self.added_tokens: list[AddedToken] = sorted(added.values(), key=lambda t: t.id)
         self._splitter = AddedTokenSplitter(self.added_tokens)
-        self.bos_token, self.eos_token, self.unk_token, self.pad_token = names.bos, names.eos, names.unk, names.pad
-        self.bos_token_id = self.encoder[names.bos]
-        self.eos_token_id = self.encoder[names.eos]
-        self.unk_token_id = self.encoder[names.unk]
-        self.pad_token_id = self.encoder[names.pad]
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        self.bos_token_id = self.encoder[bos_token]
+        self.eos_token_id = self.encoder[eos_token]
+        self.unk_token_id = self.encoder[unk_token]
+        self.pad_token_id = self.encoder[pad_token]
         self._cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ construction
@@ -401,16 +392,16 @@ class CLIPTokenizer:
         if isinstance(prompts, str):
             prompts = [prompts]
         L = self.model_max_length
-        ids = torch.full((len(prompts), L), self.pad_token_id, dtype=torch.long)  # (B, L)
-        eos_pos = torch.empty(len(prompts), dtype=torch.long)  # (B,)
+        rows: list[list[int]] = []
+        eos_pos: list[int] = []
         dropped_counts: list[int] = []
         for b, prompt in enumerate(prompts):
             toks = self.encode(prompt)
             dropped = toks[L - 2 :]
             toks = toks[: L - 2]
             row = [self.bos_token_id] + toks + [self.eos_token_id]
-            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            eos_pos[b] = len(row) - 1
+            eos_pos.append(len(row) - 1)
+            rows.append(row + [self.pad_token_id] * (L - len(row)))
             dropped_counts.append(len(dropped))
             if dropped and warn:
                 warnings.warn(
@@ -418,7 +409,8 @@ class CLIPTokenizer:
                     f"{len(dropped)} tokens dropped: {self.decode(dropped)!r}",
                     stacklevel=3,
                 )
-        return TokenBatch(ids, eos_pos, dropped_counts)
+        ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), L)  # (B, L)
+        return TokenBatch(ids, torch.tensor(eos_pos, dtype=torch.long), dropped_counts)
 
     def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """``(B, model_max_length)`` int64 ids for one prompt or a list of prompts (see :meth:`encode_batch`)."""
