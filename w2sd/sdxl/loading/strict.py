@@ -75,8 +75,8 @@ def params_on_meta() -> Iterator[None]:
     """Within the block, every ``nn.Parameter`` registered on a module is moved to the ``meta`` device.
 
     Buffers stay real, so non-persistent buffers computed in ``__init__`` (position ids, frequency tables) survive;
-    parameter init then runs on meta tensors and costs nothing. (Patches ``nn.Module.register_parameter`` for the
-    duration; not thread-safe.)
+    ``torch.nn.init`` functions skip meta tensors. (Patches ``nn.Module.register_parameter`` and ``torch.nn.init``
+    for the duration; not thread-safe.)
     """
     original = nn.Module.register_parameter
 
@@ -85,11 +85,26 @@ def params_on_meta() -> Iterator[None]:
             param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         original(self, name, param)
 
+    # Random init of meta tensors is pointless, and the first one imports torch._dynamo (seconds): skip it.
+    init_fns = {
+        name: fn for name, fn in vars(nn.init).items() if name.endswith("_") and not name.startswith("_") and callable(fn)
+    }
+
+    def skip_on_meta(fn):
+        def init(tensor, *args, **kwargs):
+            return tensor if getattr(tensor, "is_meta", False) else fn(tensor, *args, **kwargs)
+
+        return init
+
     nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    for name, fn in init_fns.items():
+        setattr(nn.init, name, skip_on_meta(fn))
     try:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for name, fn in init_fns.items():
+            setattr(nn.init, name, fn)
 
 
 def _listing(title: str, items: list[str]) -> str:
