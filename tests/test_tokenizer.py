@@ -333,12 +333,14 @@ def test_legacy_folder_layout(folders, tmp_path):
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": "!", "unk_token": EOS})
     )
-    (folder / "added_tokens.json").write_text(json.dumps({BOS: BOS_ID, EOS: EOS_ID, "cat": 1481}))
+    # "cat" is in the vocab; "DOG  HOUSE" is new (id 49408) and, being normalized, matches "dog house"
+    (folder / "added_tokens.json").write_text(json.dumps({BOS: BOS_ID, EOS: EOS_ID, "cat": 1481, "DOG  HOUSE": 49408}))
     ref = transformers.CLIPTokenizer.from_pretrained(str(folder))
     tok = CLIPTokenizer.from_folder(folder)
     assert tok.pad_token_id == ref.pad_token_id == BANG_ID
-    texts = ["a CAT concat cat!", "<|StartOfText|>x<|EndOfText|>", "wow!!"]
+    texts = ["a CAT concat cat!", "<|StartOfText|>x<|EndOfText|>", "wow!!", "dog house DOG\tHOUSE doghouse"]
     assert torch.equal(tok(texts), _ref_ids(ref, texts))
+    assert tok.encode("dog house") == [49408]
 
 
 def _tiny_folder(folder: Path, extra_merges: str = "") -> Path:

@@ -214,16 +214,16 @@ class AddedToken:
     special: bool = True
 
 
-def _matcher(tokens: list[AddedToken]) -> re.Pattern[str] | None:
-    """Compile a leftmost-longest matcher for the given added tokens (None when there are none)."""
+def _matcher(tokens: list[tuple[str, AddedToken]]) -> re.Pattern[str] | None:
+    """Compile a leftmost-longest matcher for ``(text to match, token)`` pairs sorted longest first."""
     if not tokens:
         return None
+    ws = "[" + re.escape(_WHITE_SPACE) + "]*"
     alts = []
-    for tok in sorted(tokens, key=lambda t: len(t.content), reverse=True):
-        ws = "[" + re.escape(_WHITE_SPACE) + "]*"
+    for text, tok in tokens:
         alts.append(
             ("(?:" + ws + ")" if tok.lstrip else "")
-            + "(" + re.escape(tok.content) + ")"
+            + "(" + re.escape(text) + ")"
             + ("(?:" + ws + ")" if tok.rstrip else "")
         )
     return re.compile("|".join(alts))
@@ -234,13 +234,17 @@ class AddedTokenSplitter:
 
     def __init__(self, tokens: list[AddedToken]):
         self.tokens = list(tokens)
-        raw = [t for t in self.tokens if not t.normalized and t.content]
-        norm = [t for t in self.tokens if t.normalized and t.content]
-        # Group index (1-based) -> token id, in the sorted order used by _matcher.
-        self._raw_ids = [t.id for t in sorted(raw, key=lambda t: len(t.content), reverse=True)]
-        self._norm_ids = [t.id for t in sorted(norm, key=lambda t: len(t.content), reverse=True)]
+        # Normalized tokens are matched in their normalized form ("DOG  HOUSE" matches "dog house").
+        raw = [(t.content, t) for t in self.tokens if not t.normalized and t.content]
+        norm = [(normalize(t.content), t) for t in self.tokens if t.normalized and t.content]
+        raw.sort(key=lambda p: len(p[0]), reverse=True)
+        norm.sort(key=lambda p: len(p[0]), reverse=True)
+        # Group index (1-based) -> token id, in the order used by _matcher.
+        self._raw_ids = [t.id for _, t in raw]
+        self._norm_ids = [t.id for _, t in norm]
         self._raw = _matcher(raw)
-        self._norm = _matcher(norm)
+        self._norm = _matcher([p for p in norm if p[0]])
+        self._norm_ids = [t.id for text, t in norm if text]
 
     @staticmethod
     def _split(text: str, pattern: re.Pattern[str] | None, ids: list[int]) -> list[str | int]:
