@@ -165,14 +165,10 @@ def pre_tokenize(text: str) -> list[str]:
             i += len(word)
             continue
         if ch == "'":
-            for c in _CONTRACTIONS:
-                if text.startswith(c, i + 1):
-                    pieces.append("'" + c)
-                    i += 1 + len(c)
-                    break
-            else:
-                c = None
-            if c is not None:
+            suffix = next((c for c in _CONTRACTIONS if text.startswith(c, i + 1)), None)
+            if suffix is not None:  # 's 't 're 've 'm 'll 'd, even inside a word ("'dog" -> "'d", "og")
+                pieces.append("'" + suffix)
+                i += 1 + len(suffix)
                 continue
         kind = cls(ch)
         if kind == _SPACE:
