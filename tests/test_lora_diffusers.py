@@ -47,7 +47,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-PARITY_RTOL = 1e-4  # max |ours - diffusers| / max |diffusers|, float32 (the brief's bound; measured ~1e-6)
+PARITY_RTOL = 1e-4  # max |ours - diffusers| / max |diffusers|, float32 (the required bound; measured <= 2.6e-6)
 SEED_MODELS, SEED_KOHYA, SEED_PEFT = 0, 21, 22
 USER_SCALES = (0.8, -1.5)  # W2SD main and weak scales
 
