@@ -209,3 +209,27 @@ def test_target_that_is_not_linear_or_conv_and_double_targets():
     with torch.no_grad():  # nothing is left attached after the errors
         x = torch.randn(2, 8, generator=g)
         assert torch.equal(m.lin(x), nn.functional.linear(x, m.lin.weight, m.lin.bias))
+
+
+def test_keyword_input_deepcopy_and_no_leak():
+    import copy
+    import gc
+    import weakref
+
+    m = _toy()
+    g = torch.Generator().manual_seed(9)
+    d, u = _pair(g, 2, 8, 6)
+    handle = attach_lora(m, {"lora_unet_lin.lora_down.weight": d, "lora_unet_lin.lora_up.weight": u}, name="k")
+    x = torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        exp = nn.functional.linear(x, m.lin.weight, m.lin.bias) + x @ (u @ d).T
+        assert torch.allclose(m.lin(input=x), exp, atol=ATOL)  # called with a keyword argument
+        # a deep copy does not carry the LoRA (no handle could switch or detach it): it computes the base output
+        clone = copy.deepcopy(m)
+        assert torch.equal(clone.lin(x), nn.functional.linear(x, m.lin.weight, m.lin.bias))
+    assert handle.models == {"unet": m}
+    ref = weakref.ref(m)
+    del m, clone
+    gc.collect()
+    assert ref() is None  # attaching a LoRA never keeps a model alive
+    assert handle.models == {}

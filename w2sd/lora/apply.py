@@ -37,10 +37,16 @@ class LoRAHandle:
     def __init__(self, name: str, lora: LoRA, models: dict[str, nn.Module], scale: float) -> None:
         self.name = name
         self.lora = lora
-        self.models = models
+        # weak, so that the registry (weak keys -> handles) never keeps a model alive
+        self._models = {comp: weakref.ref(m) for comp, m in models.items()}
         self._scale = LoRAScale(scale)
         self.branches: dict[str, LoRABranch] = {}  # "component:module.path" -> branch
         self.attached = False
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        """The component models this LoRA is attached to (those still alive)."""
+        return {comp: m for comp, ref in self._models.items() if (m := ref()) is not None}
 
     @property
     def scale(self) -> float:

@@ -77,7 +77,7 @@ class LoRABranch:
         self._cache_key: tuple[torch.device, torch.dtype] | None = None
         self._cast: tuple[torch.Tensor, torch.Tensor] = (self.down, self.up)
         self._cast_to(base.weight)
-        self._hook = base.register_forward_hook(self)
+        self._hook = base.register_forward_hook(self, with_kwargs=True)
 
     def _cast_to(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (weight.device, weight.dtype)
@@ -89,13 +89,13 @@ class LoRABranch:
             self._cache_key = key
         return self._cast
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         s = self.scale.value
         if s == 0.0:
             return None  # keep the base output untouched
         weight = module.weight
         down, up = self._cast_to(weight)
-        x = args[0]
+        x = args[0] if args else kwargs["input"]
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
         c = s * self.multiplier
@@ -125,7 +125,7 @@ class LoRABranch:
 class _InertBranch:
     """What a ``LoRABranch`` becomes in a ``copy.deepcopy`` of its model: a hook that changes nothing."""
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         return None
 
 
