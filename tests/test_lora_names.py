@@ -151,3 +151,18 @@ def test_ambiguous_names_raise():
         kohya_name_table("unet", [n for n, _ in model.named_modules()])
     with pytest.raises(LoRAError, match="no kohya prefix"):
         kohya_name_table("vae", ["x"])
+
+
+def test_module_map_agrees_with_the_state_dict_key_map():
+    """Same SGM names as ``w2sd.sdxl.loading.keymap_unet`` (the state-dict map, built from the config instead of
+    the module tree), so the two can be deduplicated without changing behaviour."""
+    from w2sd.sdxl.loading.keymap_unet import unet_key_map
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(UNetConfig.from_dict(SDXL_UNET))
+    sgm = diffusers_to_sgm_module_paths([n for n, _ in unet.named_modules()])
+    key_map = unet_key_map(SDXL_UNET)
+    for key in unet.state_dict():
+        module, _, leaf = key.rpartition(".")
+        mapped = key_map.inverse(key)
+        assert mapped is not None and mapped[0] == f"{sgm[module]}.{leaf}", key
