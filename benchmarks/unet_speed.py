@@ -4,7 +4,8 @@ weights, one process).
 Both models are built on the meta device and receive the *same* random weight tensors (``assign=True``), so
 weights are stored once. Each timed call is one full forward under ``torch.inference_mode``; the two models
 alternate call by call (fairer under a drifting machine load); we report the median over ``--iters`` calls after
-``--warmup`` calls each. On CUDA every call is bracketed by ``torch.cuda.synchronize()`` and the peak memory of
+``--warmup`` calls each (wall time; the process CPU time is printed too, as it is less disturbed by other
+load on a shared host -- on CUDA it only measures the launching thread). On CUDA every call is bracketed by ``torch.cuda.synchronize()`` and the peak memory of
 one forward is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``.
 
 Configs:
@@ -115,12 +116,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device) -> float:
+def time_call(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call; CPU time is less disturbed by other load on the host."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def peak_memory(fn, device: torch.device) -> float | None:
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed calls per model (default 20 tiny, 10 mid, 10 full)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--batch", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--latent", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="override the config's latent size (e.g. a quick CPU smoke run of --config full)")
     args = p.parse_args(argv)
     name = "full" if args.full else args.config
     device = torch.device(args.device or ("cuda" if name == "full" else "cpu"))
@@ -158,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import diffusers
 
-    spec = CONFIGS[name]
+    spec = dict(CONFIGS[name])
+    if args.batch:
+        spec["batch"] = args.batch
+    if args.latent:
+        spec["latent"] = tuple(args.latent)
     ours, theirs = build_pair(spec["unet"], device, dtype)
     inp = make_inputs(spec, device, dtype)
     added = dict(text_embeds=inp["text_embeds"], time_ids=inp["time_ids"])
@@ -177,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             run_ours()
             run_theirs()
         mem_ours, mem_theirs = peak_memory(run_ours, device), peak_memory(run_theirs, device)
-        t_ours, t_theirs = [], []
+        r_ours, r_theirs = [], []
         for _ in range(iters):
-            t_ours.append(time_call(run_ours, device))
-            t_theirs.append(time_call(run_theirs, device))
+            r_ours.append(time_call(run_ours, device))
+            r_theirs.append(time_call(run_theirs, device))
+    t_ours, t_theirs = [r[0] for r in r_ours], [r[0] for r in r_theirs]
+    c_ours, c_theirs = [r[1] for r in r_ours], [r[1] for r in r_theirs]
 
     med_o, med_t = statistics.median(t_ours), statistics.median(t_theirs)
     n_params = sum(p.numel() for p in ours.parameters())
@@ -190,13 +201,14 @@ def main(argv: list[str] | None = None) -> int:
           f"text {b}x{spec['seq']}x{spec['unet']['cross_attention_dim']}, {dtype}, {dev_name}")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, median of {iters} after {args.warmup} "
           f"warmup; max rel output diff ours vs diffusers {rel:.2e}")
-    rows = [("model", "median ms", "min ms", "peak GiB")]
-    for label, ts, mem in (("w2sd", t_ours, mem_ours), ("diffusers", t_theirs, mem_theirs)):
+    rows = [("model", "median ms", "min ms", "median CPU ms", "peak GiB")]
+    for label, ts, cs, mem in (("w2sd", t_ours, c_ours, mem_ours), ("diffusers", t_theirs, c_theirs, mem_theirs)):
         rows.append((label, f"{1e3 * statistics.median(ts):.2f}", f"{1e3 * min(ts):.2f}",
-                     "-" if mem is None else f"{mem:.3f}"))
+                     f"{1e3 * statistics.median(cs):.2f}", "-" if mem is None else f"{mem:.3f}"))
     ratio_mem = "-" if mem_ours is None else f"{mem_ours / mem_theirs:.3f}"
-    rows.append(("ratio w2sd/diffusers", f"{med_o / med_t:.3f}", f"{min(t_ours) / min(t_theirs):.3f}", ratio_mem))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    rows.append(("ratio w2sd/diffusers", f"{med_o / med_t:.3f}", f"{min(t_ours) / min(t_theirs):.3f}",
+                 f"{statistics.median(c_ours) / statistics.median(c_theirs):.3f}", ratio_mem))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(r)))
         if i == 0:

@@ -95,6 +95,21 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+# Public SDXL refiner 1.0 unet/config.json (5 time ids incl. aesthetic score: 5*256 + 1280 = 2560), main keys.
+SDXL_REFINER_CONFIG = {
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536], "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4, "use_linear_projection": True,
+    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 128,
+}
+# Public SD2.1 (768-v) unet/config.json, main keys: linear projection, upcast_attention true.
+SD21_CONFIG = {
+    "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024,
+    "use_linear_projection": True, "upcast_attention": True, "sample_size": 96, "layers_per_block": 2,
+}
+
 
 def _oracle(config: dict) -> DiffusersUNet:
     torch.manual_seed(SEED)
@@ -231,7 +246,8 @@ def test_bf16_forward_close_to_oracle_bf16():
 
 
 # ---------------------------------------------------------------------------------------------------- structure
-@pytest.mark.parametrize("config", [SDXL_BASE_CONFIG, SD15_CONFIG], ids=["sdxl-base", "sd15"])
+@pytest.mark.parametrize("config", [SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, SD15_CONFIG, SD21_CONFIG],
+                         ids=["sdxl-base", "sdxl-refiner", "sd15", "sd21"])
 def test_full_size_state_dict_names_and_shapes_on_meta(config):
     with torch.device("meta"):
         ours = UNet2DConditionModel(UNetConfig.from_dict(config))
