@@ -208,7 +208,10 @@ def test_old_diffusers_format_matches_diffusers(models, peft_file, tmp_path):
         module, ab = key.rsplit(".lora_", 1)
         side = "down" if ab.startswith("A") else "up"
         if module.startswith("unet.") and ".attn" in module:
-            stem, leaf = module.rsplit(".", 1) if not module.endswith("to_out.0") else (module[:-len(".to_out.0")], "to_out")
+            if module.endswith("to_out.0"):
+                stem, leaf = module[: -len(".to_out.0")], "to_out"
+            else:
+                stem, leaf = module.rsplit(".", 1)
             old[f"{stem}.processor.{leaf}_lora.{side}.weight"] = t
         elif module.startswith("text_encoder"):
             old[f"{module}.lora_linear_layer.{side}.weight"] = t

@@ -52,7 +52,8 @@ def test_peft_key_variants_and_alpha_tensor():
     sd = {}
     sd["unet.x.lora_A.weight"], sd["unet.x.lora_B.weight"] = _pair(g, 2, 8, 6)
     sd["unet.x.alpha"] = torch.tensor(1.0)  # explicit alpha wins over metadata / default
-    sd["text_encoder.base_model.model.y.lora_A.default.weight"], sd["text_encoder.base_model.model.y.lora_B.default.weight"] = _pair(g, 2, 8, 6)
+    raw = "text_encoder.base_model.model.y"  # a raw PEFT state dict with an adapter name
+    sd[f"{raw}.lora_A.default.weight"], sd[f"{raw}.lora_B.default.weight"] = _pair(g, 2, 8, 6)
     sd["z.w.lora_A.weight"], sd["z.w.lora_B.weight"] = _pair(g, 2, 8, 6)  # no component prefix -> unet
     lora = parse_lora_state_dict(sd)
     got = {(m.component, m.target, m.multiplier) for m in lora.modules}
@@ -88,7 +89,8 @@ def test_old_diffusers_keys():
     for key in ("unet.b.attn1.processor.to_q_lora", "unet.b.attn1.processor.to_out_lora",
                 "text_encoder.l.self_attn.to_v_lora"):
         sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = _pair(g, 2, 8, 8)
-    sd["text_encoder_2.l.mlp.fc1.lora_linear_layer.down.weight"], sd["text_encoder_2.l.mlp.fc1.lora_linear_layer.up.weight"] = _pair(g, 2, 8, 8)
+    fc1 = "text_encoder_2.l.mlp.fc1.lora_linear_layer"
+    sd[f"{fc1}.down.weight"], sd[f"{fc1}.up.weight"] = _pair(g, 2, 8, 8)
     sd["unet.c.proj_in.lora.down.weight"], sd["unet.c.proj_in.lora.up.weight"] = _pair(g, 2, 8, 8)
     sd["unet.c.proj_in.alpha"] = torch.tensor(1.0)
     lora = parse_lora_state_dict(sd)

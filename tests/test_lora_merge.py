@@ -53,7 +53,7 @@ def setup():
     mods, where = kohya_targets(models)
     # mixed per-module alphas: 1, 2, 4, 0.5, missing (-> r), cycling over the modules; LoCon convs at another rank
     choices = [1.0, 2.0, 4.0, 0.5, None]
-    sd = make_kohya_state_dict(mods, rank=4, alpha=lambda n, i: choices[i % len(choices)], seed=SEED_LORA_A, conv_rank=3)
+    sd = make_kohya_state_dict(mods, 4, lambda n, i: choices[i % len(choices)], seed=SEED_LORA_A, conv_rank=3)
     return models, inputs, ids, base, mods, where, sd
 
 
@@ -246,7 +246,8 @@ def test_shape_mismatch_names_module_and_shapes(setup):
     models, *_ = setup
     name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     sd = {f"{name}.lora_down.weight": torch.zeros(4, 65), f"{name}.lora_up.weight": torch.zeros(64, 4)}
-    with pytest.raises(LoRAError, match=r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q.*\(4, 65\)"):
+    path = r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q"
+    with pytest.raises(LoRAError, match=path + r".*\(4, 65\)"):
         attach_lora(models, sd, name="s", allow_partial=True)
     conv = "lora_unet_input_blocks_1_0_in_layers_2"
     sd = {f"{conv}.lora_down.weight": torch.zeros(4, 32, 1, 1), f"{conv}.lora_up.weight": torch.zeros(32, 4, 1, 1)}

@@ -201,7 +201,9 @@ def tiny_models(seed: int = 0) -> dict[str, nn.Module]:
     return {"unet": our_unet(seed), "text_encoder": te1, "text_encoder_2": te2}
 
 
-def kohya_targets(models: dict[str, nn.Module], locon: bool = True) -> tuple[dict[str, nn.Module], dict[str, tuple[str, str]]]:
+def kohya_targets(
+    models: dict[str, nn.Module], locon: bool = True
+) -> tuple[dict[str, nn.Module], dict[str, tuple[str, str]]]:
     """All kohya targets of the three components: ``{name: module}`` and ``{name: (component, path)}``."""
     where: dict[str, tuple[str, str]] = {}
     for name, path in kohya_unet_names(models["unet"], locon).items():
@@ -214,7 +216,10 @@ def kohya_targets(models: dict[str, nn.Module], locon: bool = True) -> tuple[dic
     return mods, where
 
 
-def merge_all(models: dict[str, nn.Module], where: dict[str, tuple[str, str]], sd, scale: float) -> dict[str, nn.Module]:
+def merge_all(
+    models: dict[str, nn.Module], where: dict[str, tuple[str, str]], sd: dict, scale: float
+) -> dict[str, nn.Module]:
+    """``kohya_merge`` applied to every component (the oracle for a multi-component LoRA)."""
     return {
         comp: kohya_merge(model, {n: p for n, (c, p) in where.items() if c == comp}, sd, scale)
         for comp, model in models.items()

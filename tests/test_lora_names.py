@@ -52,7 +52,8 @@ SDXL_UNET_KEYS = 1680  # research/sdxl.md §2.1, verified there on the meta devi
 
 
 def test_oracle_versions():
-    print(f"oracles: diffusers {diffusers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
+    print(f"oracles: diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+          f"torch {torch.__version__}")
 
 
 def _check_sgm_map_against_diffusers(unet: nn.Module, config: dict) -> int:

@@ -171,7 +171,9 @@ def attach_lora(
     n_unmatched = sum(len(v) for v in unmatched.values())
     where = f"LoRA {name!r} ({lora.source})"
     if not matched:
-        raise LoRAError(f"{where}: none of its {len(lora)} modules matches a module of {sorted(models)}: " + _reasons(unmatched))
+        raise LoRAError(
+            f"{where}: none of its {len(lora)} modules matches a module of {sorted(models)}: " + _reasons(unmatched)
+        )
     if n_unmatched and not allow_partial:
         raise LoRAError(
             f"{where}: {n_unmatched} of {len(lora)} LoRA modules match no module (pass allow_partial=True to skip "
@@ -189,7 +191,8 @@ def attach_lora(
                 raise LoRAError(f"{where}: LoRA modules {seen[slot]!r} and {mod.key!r} both target {slot}")
             seen[slot] = mod.key
             base = resolvers[comp].modules[path]
-            handle.branches[slot] = LoRABranch(base, mod.down, mod.up, mod.multiplier, handle._scale, f"{slot} ({mod.key!r})")
+            label = f"{slot} ({mod.key!r})"
+            handle.branches[slot] = LoRABranch(base, mod.down, mod.up, mod.multiplier, handle._scale, label)
     except Exception:
         handle.detach()
         raise

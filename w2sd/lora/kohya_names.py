@@ -51,7 +51,9 @@ _TOP_LEVEL_TO_SGM: dict[str, str] = {
     "conv_out": "out.2",
 }
 
-_BLOCK_CHILD_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.|$)")
+_BLOCK_CHILD_RE = re.compile(
+    r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.|$)"
+)
 _MID_CHILD_RE = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(?:\.|$)")
 
 

@@ -135,7 +135,8 @@ def _fit_shapes(base: nn.Module, down: torch.Tensor, up: torch.Tensor, where: st
     if isinstance(base, nn.Linear):
         if down.ndim == 4 and tuple(down.shape[2:]) == (1, 1):  # a 1x1-conv LoRA (SD1.x proj_in) on a Linear
             down, up = down.flatten(1), up.flatten(1)
-        want = f"Linear({base.in_features} -> {base.out_features}) wants down (r, {base.in_features}), up ({base.out_features}, r)"
+        i, o = base.in_features, base.out_features
+        want = f"Linear({i} -> {o}) wants down (r, {i}), up ({o}, r)"
         if down.ndim != 2 or down.shape[1] != base.in_features or up.shape[0] != base.out_features:
             raise LoRAError(f"LoRA shape mismatch at {where}: {shapes}; {want}")
         return down, up
