@@ -158,6 +158,7 @@ class CheckpointReader:
             self.infos.update(infos)
             self.metadata.update(metadata)
         self.description = description or ", ".join(str(f) for f in self.files)
+        self._scratch: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointReader({self.description!r}, {len(self.infos)} tensors)"
@@ -207,15 +208,29 @@ class CheckpointReader:
             row_bytes = nbytes // shape[0] if shape[0] else 0
             start, nbytes = start + a * row_bytes, (b - a) * row_bytes
             shape = (b - a, *shape[1:])
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        target = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        convert = target != info.dtype or torch.device(device).type != "cpu"
+        if convert:
+            # Read into a reused scratch buffer; ``.to`` below makes the only new allocation (the result). Fresh
+            # per-tensor staging buffers would fragment the heap (glibc's dynamic mmap threshold) and raise the
+            # peak RSS of an fp32 -> fp16 load by ~25 % (benchmarks/load_memory.py).
+            if self._scratch is None or self._scratch.numel() < nbytes:
+                self._scratch = None
+                self._scratch = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = self._scratch[:nbytes]
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         with open(info.file, "rb") as f:
             f.seek(start)
             got = f.readinto(memoryview(buf.numpy()))
         if got != nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {key!r} ({got} of {nbytes} bytes)")
         tensor = buf.view(info.dtype).reshape(shape)
-        target = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
-        return tensor.to(device=device, dtype=target)
+        return tensor.to(device=device, dtype=target, copy=True) if convert else tensor
+
+    def release(self) -> None:
+        """Free the scratch buffer used for dtype/device conversion (reading again re-creates it)."""
+        self._scratch = None
 
     def read_all(self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor (for small files and tests)."""

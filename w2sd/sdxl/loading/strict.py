@@ -180,7 +180,10 @@ def load_strict(
     state = module.state_dict(keep_vars=True)
     expected = {k: tuple(v.shape) for k, v in state.items()}
     check_keys(what, expected, recipes, reader, unexpected_sources)
-    tensors = {key: _make(recipes[key], reader, dtype, device) for key in expected}
+    try:
+        tensors = {key: _make(recipes[key], reader, dtype, device) for key in expected}
+    finally:
+        reader.release()
     module.load_state_dict(tensors, strict=True, assign=True)
     del tensors
     module.to(device=device, dtype=dtype)  # only non-persistent buffers still need it; loaded tensors are no-ops
