@@ -72,9 +72,24 @@ def _check_sgm_map_against_diffusers(unet: nn.Module, config: dict) -> int:
     return len(sd)
 
 
+# SD1.x topology (cross-attn first, plain block last, 1x1-conv proj_in/out): upsampler slots .1 and .2 both occur
+TINY_SD15 = dict(
+    block_out_channels=(32, 32, 64, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8, sample_size=16, use_linear_projection=False,
+)
+
+
 def test_sgm_module_map_matches_diffusers_converter_tiny():
     unet = our_unet()
     assert _check_sgm_map_against_diffusers(unet, dict(TINY_UNET)) > 300
+    sd15 = UNet2DConditionModel(UNetConfig.from_dict(TINY_SD15))
+    assert _check_sgm_map_against_diffusers(sd15, dict(TINY_SD15)) > 300
+    table = kohya_name_table("unet", [n for n, _ in sd15.named_modules()])
+    assert table["lora_unet_output_blocks_2_1_conv"] == "up_blocks.0.upsamplers.0.conv"  # no attention: slot .1
+    assert table["lora_unet_output_blocks_5_2_conv"] == "up_blocks.1.upsamplers.0.conv"
+    assert isinstance(sd15.get_submodule(table["lora_unet_input_blocks_1_1_proj_in"]), nn.Conv2d)
 
 
 def test_sgm_module_map_matches_diffusers_converter_full_sdxl():
