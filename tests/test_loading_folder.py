@@ -25,6 +25,7 @@ from w2sd.errors import CheckpointError
 from w2sd.sdxl.loading import (
     load_scheduler_config,
     load_sdxl_components,
+    load_text_encoder,
     load_text_encoder_2,
     load_tokenizer_2,
     load_unet,
@@ -102,11 +103,21 @@ def test_folder_load_weights_configs_and_outputs(pipe, folder):
         torch.testing.assert_close(c.vae.decode(latents), pipe.vae.decode(latents).sample, atol=VAE_ATOL, rtol=0)
 
 
-def test_per_component_loaders(pipe, folder):
+def test_per_component_loaders(pipe, folder, tmp_path):
     assert _same(load_unet(folder), _reference(pipe, "unet"))
     assert _same(load_vae(folder / "vae", dtype=torch.bfloat16), _reference(pipe, "vae"), lambda t: t.bfloat16())
     assert _same(load_text_encoder_2(folder), _reference(pipe, "text_encoder_2"))
     assert load_tokenizer_2(folder).pad_token_id == 0  # "!" (sdxl.md §4.2)
+    # A transformers-4 style text_encoder file: ``text_model.`` prefix plus the old position_ids buffer.
+    from safetensors.torch import load_file, save_file
+
+    legacy = tmp_path / "text_encoder"
+    shutil.copytree(folder / "text_encoder", legacy)
+    sd = {hf_clip_key(k): v for k, v in load_file(str(legacy / "model.safetensors")).items()}
+    assert all(k.startswith("text_model.") for k in sd)
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(sd, str(legacy / "model.safetensors"))
+    assert _same(load_text_encoder(legacy), _reference(pipe, "text_encoder"))
     assert load_scheduler_config(folder)["beta_schedule"] == "scaled_linear"
 
 

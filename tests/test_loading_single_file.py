@@ -209,3 +209,28 @@ def test_truncated_single_file_and_linear_text_projection(sgm_file, folder, fold
     save_file(sd, str(tmp_path / "linear_proj.safetensors"))
     te2 = load_text_encoder_2(tmp_path / "linear_proj.safetensors", config=folder)
     assert torch.equal(te2.text_projection.weight, folder_components.text_encoder_2.text_projection.weight)
+
+
+def test_standalone_vae_files_in_three_namings(folder, folder_components, tmp_path):
+    """diffusers names + config.json beside (like ``sdxl_vae.safetensors`` in a vae folder), unprefixed LDM names,
+    and old diffusers attention names ``query/key/value/proj_attn``."""
+    from w2sd.sdxl.loading import vae_state_dict_to_ldm
+
+    cfg = json.loads((folder / "vae" / "config.json").read_text())
+    diffusers_sd = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    ldm = vae_state_dict_to_ldm(diffusers_sd, cfg, prefix="")
+    save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "ldm_vae.safetensors"))
+    old_names = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+    old = {}
+    for k, v in diffusers_sd.items():
+        for new, legacy in old_names.items():
+            k = k.replace(".attentions.0." + new, ".attentions.0." + legacy)
+        old[k] = v
+    assert any(".query." in k for k in old)
+    save_file(old, str(tmp_path / "old_vae.safetensors"))
+    ref = folder_components.vae.state_dict()
+    for vae in (load_vae(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+                load_vae(tmp_path / "ldm_vae.safetensors", config=cfg),
+                load_vae(tmp_path / "old_vae.safetensors", config=cfg)):
+        sd = vae.state_dict()
+        assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
