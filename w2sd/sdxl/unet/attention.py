@@ -69,7 +69,9 @@ class GEGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., dim_in) -> (..., dim_out)``."""
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # without autograd: multiply into the fresh gelu buffer
 
 
 class FeedForward(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["timestep_embedding", "TimestepEmbedding", "activation"]
+__all__ = ["timestep_embedding", "TimestepEmbedding", "activation", "activation_inplace"]
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -18,6 +18,30 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+
+
+def _silu_(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x, inplace=True)
+
+
+def _mish_(x: torch.Tensor) -> torch.Tensor:
+    return F.mish(x, inplace=True)
+
+
+def _relu_(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x, inplace=True)
+
+
+# module-level functions (not lambdas) so modules holding them stay picklable
+_INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": _silu_, "swish": _silu_, "mish": _mish_, "gelu": F.gelu, "relu": _relu_,  # gelu has no in-place form
+}
+
+
+def activation_inplace(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Like :func:`activation` but overwriting its input where torch allows it (use only without autograd)."""
+    activation(name)  # validate the name
+    return _INPLACE[name]
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -19,7 +19,7 @@ from w2sd.sdxl.unet.blocks import (
     resnet_kwargs,
 )
 from w2sd.sdxl.unet.config import UNetConfig
-from w2sd.sdxl.unet.embeddings import TimestepEmbedding, activation, timestep_embedding
+from w2sd.sdxl.unet.embeddings import TimestepEmbedding, activation, activation_inplace, timestep_embedding
 
 __all__ = ["UNet2DConditionModel"]
 
@@ -102,6 +102,7 @@ class UNet2DConditionModel(nn.Module):
         # out
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chans[0], eps=cfg.norm_eps)
         self.conv_act = activation(cfg.act_fn)
+        self._conv_act_ = activation_inplace(cfg.act_fn)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, kernel_size=cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
 
@@ -203,5 +204,6 @@ class UNet2DConditionModel(nn.Module):
             del skips[-n_res:]
             size = tuple(skips[-1].shape[2:]) if (i != last and forward_upsample_size) else None
             h = up(h, res, emb, context, size)
-        h = self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+        act = self.conv_act if torch.is_grad_enabled() else self._conv_act_
+        h = self.conv_out(act(self.conv_norm_out(h)))  # (B, out_channels, H, W)
         return h

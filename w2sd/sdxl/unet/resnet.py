@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from w2sd.sdxl.unet.embeddings import activation
+from w2sd.sdxl.unet.embeddings import activation, activation_inplace
 
 __all__ = ["ResnetBlock2D", "Downsample2D", "Upsample2D"]
 
@@ -54,13 +54,15 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.act = activation(act_fn)
+        self.act_ = activation_inplace(act_fn)  # used when autograd is off: activations overwrite the norm output
         self.conv_shortcut: nn.Conv2d | None = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
             if in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """``x (B, Cin, H, W)``, ``temb (B, temb_channels)`` -> ``(B, Cout, H, W)``."""
-        h = self.conv1(self.act(self.norm1(x)))  # (B, Cout, H, W)
+        act = self.act if torch.is_grad_enabled() else self.act_
+        h = self.conv1(act(self.norm1(x)))  # (B, Cout, H, W)
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(self.act(temb))[:, :, None, None]  # (B, Cout or 2*Cout, 1, 1)
             if self.time_embedding_norm == "default":
@@ -70,7 +72,7 @@ class ResnetBlock2D(nn.Module):
                 h = self.norm2(h) * (1 + scale) + shift
         else:
             h = self.norm2(h)
-        h = self.conv2(self.dropout(self.act(h)))
+        h = self.conv2(self.dropout(act(h)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = h.add_(skip)  # in place into the fresh conv2 output; equals skip + h
         if self.output_scale_factor != 1.0:
