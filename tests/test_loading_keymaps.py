@@ -175,3 +175,52 @@ def test_full_size_openclip_recipes_cover_bigG_names():
     recipes = openclip_recipes(SDXL_OPENCLIP_BIGG_CONFIG, "p.")
     assert set(recipes) == names
     assert len({r.source for r in recipes.values()}) == 4 + 1 + 32 * (10 + 2)  # packed in_proj w/b per layer
+
+
+def _fake_reader(shapes: dict[str, tuple[int, ...]]) -> CheckpointReader:
+    """A reader over a header only (no data): enough for detection and strict key/shape checks at full size."""
+    from pathlib import Path
+
+    from w2sd.sdxl.loading.safetensors_io import TensorInfo
+
+    reader = CheckpointReader.__new__(CheckpointReader)
+    reader.files, reader.metadata, reader.description, reader._scratch = [], {}, "full-size header", None
+    reader.infos = {k: TensorInfo(Path("none"), torch.float16, tuple(s), 0, 0) for k, s in shapes.items()}
+    return reader
+
+
+@pytest.mark.parametrize("arch", ["sdxl_base", "sdxl_refiner"])
+def test_full_size_single_file_key_set_fits_default_configs(arch):
+    """A full-size SGM single file (key names from the inverse maps proven above against diffusers, plus the junk
+    keys real files carry) is detected and passes the strict key/shape check against our modules built from the
+    built-in default configs -- what loading ``sd_xl_base_1.0.safetensors`` or a fine-tune of it needs."""
+    from w2sd.sdxl.loading.configs import SINGLE_FILE_DEFAULTS
+    from w2sd.sdxl.loading.keymap_text import hf_clip_key
+    from w2sd.sdxl.loading.models import builder
+    from w2sd.sdxl.loading.single_file import SINGLE_FILE_PREFIXES, detect_architecture, single_file_recipes
+    from w2sd.sdxl.loading.strict import check_keys, params_on_meta
+
+    defaults, prefixes = SINGLE_FILE_DEFAULTS[arch], SINGLE_FILE_PREFIXES[arch]
+    models = {}
+    with params_on_meta():
+        for kind in prefixes:
+            models[kind] = builder(kind, defaults[kind])()
+    sds = {kind: m.state_dict() for kind, m in models.items()}
+    sgm: dict[str, torch.Tensor] = {}
+    sgm.update(unet_state_dict_to_sgm(sds["unet"], defaults["unet"]))
+    sgm.update(vae_state_dict_to_ldm(sds["vae"], defaults["vae"]))
+    if "text_encoder" in prefixes:
+        sgm.update({prefixes["text_encoder"] + hf_clip_key(k): v for k, v in sds["text_encoder"].items()})
+        sgm[prefixes["text_encoder"] + "text_model.embeddings.position_ids"] = torch.empty(1, 77, device="meta")
+    sgm.update(text_state_dict_to_openclip(sds["text_encoder_2"], defaults["text_encoder_2"],
+                                           prefixes["text_encoder_2"]))
+    sgm[prefixes["text_encoder_2"] + "logit_scale"] = torch.empty((), device="meta")
+    reader = _fake_reader({k: tuple(v.shape) for k, v in sgm.items()})
+    if arch == "sdxl_base":
+        assert len(reader) == 1680 + 248 + 197 + 390  # UNet, VAE, TE1 + position_ids, TE2 + logit_scale
+    assert detect_architecture(reader) == arch
+    for kind, prefix in prefixes.items():
+        naming = "openclip" if kind == "text_encoder_2" else ("diffusers" if kind == "text_encoder" else "sgm")
+        recipes, unplaced = single_file_recipes(reader, kind, prefix, naming, defaults[kind])
+        expected = {k: tuple(v.shape) for k, v in sds[kind].items()}
+        check_keys(kind, expected, recipes, reader, unplaced)  # raises CheckpointError listing any difference

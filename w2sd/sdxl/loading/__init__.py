@@ -1,5 +1,19 @@
 """Loading real SDXL weights: diffusers folders (variants, shards, HF cache snapshots) and SGM single files,
-strict, on the meta device, straight to the target dtype/device."""
+strict, on the meta device, straight to the target dtype/device.
+
+Example::
+
+    from w2sd.sdxl.loading import load_sdxl_components, load_unet
+
+    c = load_sdxl_components("stabilityai/stable-diffusion-xl-base-1.0",  # in the local HF cache, or a folder
+                             dtype=torch.float16, device="cuda", variant="fp16", vae_dtype=torch.float32)
+    c = load_sdxl_components("juggernautXL.safetensors", dtype=torch.float16)  # SGM single file
+    unet = load_unet("sd_xl_base_1.0.safetensors", dtype=torch.bfloat16)
+
+Modules: ``safetensors_io`` (reader, weight-file discovery), ``strict`` (meta build + strict assign),
+``keymap_unet`` / ``keymap_vae`` / ``keymap_text`` (original -> diffusers/transformers names), ``configs``
+(single-file defaults), ``folder``, ``single_file``, ``api``.
+"""
 
 from w2sd.sdxl.loading.api import (
     SDXLComponents,

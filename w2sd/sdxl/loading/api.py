@@ -30,12 +30,12 @@ from w2sd.sdxl.loading.folder import (
 from w2sd.sdxl.loading.safetensors_io import CheckpointReader
 from w2sd.sdxl.loading.single_file import (
     SINGLE_FILE_PREFIXES,
-    _adm_architecture,
     describe_unclaimed,
     detect_architecture,
     find_component,
     load_single_file_component,
     unclaimed_keys,
+    unet_architecture,
 )
 
 __all__ = [
@@ -243,7 +243,7 @@ def _component_config(kind: str, config: PathLike | Mapping | None, file: Path |
     if file is not None and (file.parent / "config.json").exists():
         return read_json(file.parent / "config.json", f"{kind} config")
     if kind == "unet":
-        arch = _adm_architecture(reader)
+        arch = unet_architecture(reader)
         return copy.deepcopy(SINGLE_FILE_DEFAULTS[arch]["unet"] if arch else SDXL_BASE_UNET_CONFIG)
     return copy.deepcopy(SINGLE_FILE_DEFAULTS["sdxl_base"][kind])
 

@@ -35,6 +35,7 @@ __all__ = [
     "load_single_file_component",
     "unclaimed_keys",
     "describe_unclaimed",
+    "unet_architecture",
 ]
 
 SINGLE_FILE_PREFIXES: dict[str, dict[str, str]] = {
@@ -68,7 +69,8 @@ def _top_prefixes(keys: list[str], n: int = 8) -> str:
     return ", ".join(f"{h}.* ({c})" for h, c in top)
 
 
-def _adm_architecture(reader: CheckpointReader) -> str | None:
+def unet_architecture(reader: CheckpointReader) -> str | None:
+    """``sdxl_base`` / ``sdxl_refiner`` from the width of the UNet's text-time embedding input, else ``None``."""
     for key in (SGM_UNET_PREFIX + "label_emb.0.0.weight", "label_emb.0.0.weight", "add_embedding.linear_1.weight"):
         if key in reader:
             return _ADM_IN.get(reader.shape(key)[-1])
@@ -97,7 +99,7 @@ def detect_architecture(reader: CheckpointReader) -> str:
     if any("lora_" in k or ".lora." in k for k in keys[:200]):
         raise CheckpointError(f"{src}: this is a LoRA file (keys like {keys[0]!r}); load it with w2sd.lora instead")
     if _has_prefix(keys, SGM_UNET_PREFIX):
-        arch = _adm_architecture(reader)
+        arch = unet_architecture(reader)
         if arch is not None:
             raise CheckpointError(
                 f"{src}: has an SDXL UNet ({arch}, model.diffusion_model.*) but no SDXL text encoders "
@@ -119,7 +121,7 @@ def find_component(reader: CheckpointReader, kind: str) -> tuple[str, str]:
     keys = reader.keys()
     candidates: dict[str, list[tuple[str, str]]] = {
         "unet": [(SGM_UNET_PREFIX, "sgm"), ("", "diffusers"), ("", "sgm")],
-        "vae": [(LDM_VAE_PREFIX, "sgm"), ("vae.", "diffusers"), ("", "diffusers"), ("", "sgm")],
+        "vae": [(LDM_VAE_PREFIX, "sgm"), ("", "diffusers"), ("", "sgm")],
         "text_encoder": [
             ("conditioner.embedders.0.transformer.", "diffusers"),
             ("cond_stage_model.transformer.", "diffusers"),
