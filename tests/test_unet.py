@@ -237,7 +237,7 @@ def test_bf16_forward_close_to_oracle_bf16():
     oracle = _oracle(TINY_SDXL).to(torch.bfloat16)  # (diffusers logs a harmless note about .to())
     ours = _ours_from(oracle)
     assert next(ours.parameters()).dtype == torch.bfloat16
-    inp = {k: v.to(torch.bfloat16) for k, v in _inputs(TINY_SDXL).items()}
+    inp = {k: v.to(torch.bfloat16) for k, v in _inputs(TINY_SDXL, hw=(8, 12)).items()}
     with torch.no_grad():
         ref = _run_oracle(oracle, inp, 500)
         out = ours(**inp, timestep=500)
@@ -314,6 +314,10 @@ def test_forward_conditioning_errors():
         sd15(**inp15, timestep=1, text_embeds=torch.zeros(2, 32), time_ids=torch.zeros(2, 6))
     with torch.no_grad(), pytest.raises(ValueError, match="timestep has 3 entries"):
         sd15(**inp15, timestep=torch.tensor([1, 2, 3]))
+    with torch.no_grad(), pytest.raises(ValueError, match="encoder_hidden_states"):
+        sd15(inp15["sample"], 1, torch.zeros(2, 7, 64))
+    with torch.no_grad(), pytest.raises(ValueError, match="sample must be"):
+        sd15(torch.zeros(2, 3, 8, 8), 1, inp15["encoder_hidden_states"])
 
 
 def test_config_round_trip():

@@ -106,6 +106,16 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, kernel_size=cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (of ``conv_in``)."""
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Parameter device (of ``conv_in``)."""
+        return self.conv_in.weight.device
+
     # ------------------------------------------------------------------ conditioning
     def _timesteps(self, timestep: int | float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
         """Timestep(s) as a ``(batch,)`` tensor on ``device`` (int64 for ints, float64 for floats, as diffusers)."""
@@ -179,9 +189,13 @@ class UNet2DConditionModel(nn.Module):
             ``(B, out_channels, H, W)`` tensor in ``sample``'s dtype.
         """
         cfg = self.config
-        if sample.ndim != 4:
-            raise ValueError(f"sample must be (B, C, H, W), got shape {tuple(sample.shape)}")
+        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W), got shape {tuple(sample.shape)}")
         batch = sample.shape[0]
+        if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch
+                or encoder_hidden_states.shape[2] not in cfg.cross_dims()):
+            raise ValueError(f"encoder_hidden_states must be (B={batch}, L, {cfg.cross_dims()[0]}), "
+                             f"got shape {tuple(encoder_hidden_states.shape)}")
         up_factor = 2 ** self.num_upsamplers
         # forward the skip sizes to the upsamplers only when H or W is not a multiple of 2**num_upsamplers
         forward_upsample_size = any(s % up_factor for s in sample.shape[-2:])
