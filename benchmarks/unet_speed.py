@@ -125,16 +125,20 @@ def time_call(fn, device: torch.device) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def peak_memory(fn, device: torch.device) -> float | None:
-    """Peak allocated GiB during one call (CUDA only), weights included."""
+def peak_memory(fn, device: torch.device) -> tuple[float, float] | None:
+    """(peak allocated GiB during one call, weights and inputs included; the part above what was allocated
+    before the call) -- CUDA only."""
     if device.type != "cuda":
         return None
     _sync(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    before = torch.cuda.memory_allocated(device)
+    out = fn()
     _sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return peak / 2**30, (peak - before) / 2**30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
           f"text {b}x{spec['seq']}x{spec['unet']['cross_attention_dim']}, {dtype}, {dev_name}")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, median of {iters} after {args.warmup} "
           f"warmup; max rel output diff ours vs diffusers {rel:.2e}")
-    rows = [("model", "median ms", "min ms", "median CPU ms", "peak GiB")]
+    rows = [("model", "median ms", "min ms", "median CPU ms", "peak GiB", "peak-above-weights GiB")]
     for label, ts, cs, mem in (("w2sd", t_ours, c_ours, mem_ours), ("diffusers", t_theirs, c_theirs, mem_theirs)):
         rows.append((label, f"{1e3 * statistics.median(ts):.2f}", f"{1e3 * min(ts):.2f}",
-                     f"{1e3 * statistics.median(cs):.2f}", "-" if mem is None else f"{mem:.3f}"))
-    ratio_mem = "-" if mem_ours is None else f"{mem_ours / mem_theirs:.3f}"
+                     f"{1e3 * statistics.median(cs):.2f}", "-" if mem is None else f"{mem[0]:.3f}",
+                     "-" if mem is None else f"{mem[1]:.3f}"))
+    ratio_mem = ("-", "-") if mem_ours is None else (f"{mem_ours[0] / mem_theirs[0]:.3f}",
+                                                     f"{mem_ours[1] / mem_theirs[1]:.3f}")
     rows.append(("ratio w2sd/diffusers", f"{med_o / med_t:.3f}", f"{min(t_ours) / min(t_theirs):.3f}",
-                 f"{statistics.median(c_ours) / statistics.median(c_theirs):.3f}", ratio_mem))
+                 f"{statistics.median(c_ours) / statistics.median(c_theirs):.3f}", *ratio_mem))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(r)))

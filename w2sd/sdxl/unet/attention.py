@@ -4,6 +4,9 @@ Follows diffusers' ``Transformer2DModel`` (continuous input, ``norm_type="layer_
 with ``AttnProcessor2_0`` semantics (sdxl.md §2.3, §7). Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` with the default scale ``head_dim ** -0.5``.
 
+Every Linear/Conv2d is a plain ``nn`` module called through its ``forward`` (LoRA hooks/wrappers can replace it);
+residual adds write into the fresh output of the branch's last Linear, so a wrapper must return a new tensor.
+
 ``upcast_attention`` is accepted for config compatibility and, exactly like diffusers' default SDPA processor,
 has no effect on the computation.
 """

@@ -2,7 +2,8 @@
 
 Module names (``norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut``; ``conv``) mirror diffusers so its
 state dict loads strictly. Every Linear/Conv2d is a plain ``nn`` module called through its ``forward`` so LoRA
-side-branch wrappers can replace it.
+side-branch wrappers can replace it. Residual adds write into the fresh output of the preceding conv (a wrapper or
+forward hook must return a new tensor, not a view of its input, as ``output + delta`` does).
 """
 
 from __future__ import annotations
