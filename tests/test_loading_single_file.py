@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import diffusers
 import transformers
-from helpers_tiny_sdxl import SGM_TE1_PREFIX, SGM_TE2_PREFIX, build_tiny_sdxl_pipeline, write_sgm_single_file
+from helpers_tiny_sdxl import SGM_TE1_PREFIX, SGM_TE2_PREFIX, cached_tiny_sdxl, write_sgm_single_file
 from w2sd.errors import CheckpointError
 from w2sd.sdxl.loading import (
     CheckpointReader,
@@ -43,9 +43,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*outside the SDXL components")
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_sdxl_sf")
-    build_tiny_sdxl_pipeline(seed=0).save_pretrained(out, safe_serialization=True)
-    return out
+    return cached_tiny_sdxl(tmp_path_factory)  # shared with other test files in the session; not modified here
 
 
 @pytest.fixture(scope="module")
