@@ -46,7 +46,7 @@ def set_adapter_weight(unet, adapter: str | None, weight: float) -> None:
         unet.disable_lora()
     else:
         unet.enable_lora()
-        unet.set_adapters([adapter], weights=[weight])
+        unet.set_adapters([adapter], [weight])  # UNet: weights=, pipeline: adapter_weights=
 
 
 def published_w2sd(

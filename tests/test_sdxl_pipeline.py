@@ -28,7 +28,7 @@ PARITY_RTOL = 1e-4     # max |ours - oracle| / max |oracle|, float32 (the requir
 DIFFERS_RTOL = 1e-3    # two results that must differ do so by at least this much
 SEED_LORA = 31
 LORA_STD = 0.05        # std of the random kohya tensors (rank 4, alpha 2)
-SIZE, T = 32, 5        # 32 px -> 16x16 latents with the tiny VAE (factor 2)
+SIZE, T = 32, 4        # 32 px -> 16x16 latents with the tiny VAE (factor 2)
 PROMPT = "a red cube on a blue table"
 SEEDS = (5555, 7)
 DEMO = dict(strong=(1.5, 5.5), weak=(-1.5, 1.0), main=(0.8, 5.5))  # published demo defaults (LoRA, CFG)
@@ -88,20 +88,28 @@ DEMO_PAIR = lora_pair(DEMO["strong"][0], DEMO["weak"][0], strong_guidance=DEMO["
 # ------------------------------------------------------------------------------------- the published algorithm
 
 
+@pytest.fixture(scope="module")
+def published(oracle):
+    """The published loop at the demo defaults with both inversion indices; UNet calls of the first counted."""
+    counter = UNetCallCounter(oracle.unet)
+    try:
+        nxt = published_w2sd(oracle, PROMPT, SEEDS[0], SIZE, SIZE, T, **DEMO, inverse_at="next")
+    finally:
+        counter.restore()
+    cur = published_w2sd(oracle, PROMPT, SEEDS[0], SIZE, SIZE, T, **DEMO, inverse_at="current")
+    return {"next": nxt, "current": cur, "calls": counter.calls, "items": counter.items}
+
+
 @pytest.mark.parametrize("inversion, inverse_at", [("reference", "next"), ("exact", "current")])
-def test_w2sd_matches_published_loop(ours, oracle, inversion, inverse_at):
+def test_w2sd_matches_published_loop(ours, published, inversion, inverse_at):
     """reference mode = DDIMInverseScheduler.step(eps_w, timesteps[i+1], x1) (the published call); exact mode =
     the same loop with timesteps[i] (the exact inverse of the strong step)."""
-    ref = published_w2sd(oracle, PROMPT, SEEDS[0], SIZE, SIZE, T, **DEMO, inverse_at=inverse_at)
     got = ours.generate(main_setting(), [SEEDS[0]], (SIZE, SIZE), T, pair=DEMO_PAIR, inversion=inversion)
-    err = rel_err(got.latents, ref)
+    err = rel_err(got.latents, published[inverse_at])
     assert err <= PARITY_RTOL, f"{inversion}: rel err {err:.3e}"
-    # the check can fail: the other inversion convention and plain sampling both land elsewhere
-    other = published_w2sd(oracle, PROMPT, SEEDS[0], SIZE, SIZE, T, **DEMO,
-                           inverse_at="current" if inverse_at == "next" else "next")
+    # the check can fail: the other inversion convention lands elsewhere
+    other = published["current" if inverse_at == "next" else "next"]
     assert rel_err(got.latents, other) > DIFFERS_RTOL
-    plain = published_w2sd(oracle, PROMPT, SEEDS[0], SIZE, SIZE, T, **DEMO, reflect=False)
-    assert rel_err(ref, plain) > DIFFERS_RTOL
 
 
 def test_paper_lora_setting_and_negative_prompt_match_published_loop(ours, oracle):
@@ -119,28 +127,25 @@ def test_paper_lora_setting_and_negative_prompt_match_published_loop(ours, oracl
 # ------------------------------------------------------------------------------------- plain images vs diffusers
 
 
-@pytest.mark.parametrize("role, lora", [("weak", 0.0), ("strong", DEMO["main"][0])])
-def test_plain_images_match_diffusers_pipeline(ours, oracle, role, lora):
+def test_plain_images_match_diffusers_pipeline(ours, oracle):
     """The demo's weak image (LoRA off) and strong image (LoRA at the main scale; the text encoders carry the LoRA
-    too, as after diffusers' set_adapters) for a batch of two seeds: latents and decoded images."""
-    if lora == 0:
-        oracle.disable_lora()
-    else:
-        oracle.enable_lora()
-        oracle.set_adapters(["lora"], [lora])
+    too, as after diffusers' set_adapters) for a batch of two seeds: latents (output_type="latent") and images
+    decoded by the oracle's own VAE + image processor."""
     kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=T, guidance_scale=DEMO["main"][1],
-                  num_images_per_prompt=len(SEEDS))
-    gens = lambda: [torch.Generator("cpu").manual_seed(s) for s in SEEDS]  # noqa: E731
-    ref_latents = oracle(**kwargs, generator=gens(), output_type="latent").images
-    ref_images = oracle(**kwargs, generator=gens(), output_type="pt").images
-    got = ours.generate(main_setting(lora=lora), list(SEEDS), (SIZE, SIZE), T)
-    assert rel_err(got.latents, ref_latents) <= PARITY_RTOL, role
-    assert rel_err(ours.decode(got.latents), ref_images) <= PARITY_RTOL, role
-    assert got.nfe.total == 2 * T and got.unet_items == 2 * T * len(SEEDS) and got.unet_calls == T
-    if lora != 0:  # the LoRA really changes the image
-        oracle.disable_lora()
-        base = oracle(**kwargs, generator=gens(), output_type="latent").images
-        assert rel_err(base, ref_latents) > DIFFERS_RTOL
+                  num_images_per_prompt=len(SEEDS), output_type="latent")
+    refs = {}
+    for role, lora in (("weak", 0.0), ("strong", DEMO["main"][0])):
+        set_adapter_weight(oracle, "lora", lora)  # pipeline level: UNet and both text encoders
+        ref = oracle(**kwargs, generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
+        with torch.no_grad():
+            decoded = oracle.vae.decode(ref / oracle.vae.config.scaling_factor, return_dict=False)[0]
+        ref_images = oracle.image_processor.postprocess(decoded, output_type="pt")
+        got = ours.generate(main_setting(lora=lora), list(SEEDS), (SIZE, SIZE), T)
+        assert rel_err(got.latents, ref) <= PARITY_RTOL, role
+        assert rel_err(ours.decode(got.latents), ref_images) <= PARITY_RTOL, role
+        assert got.nfe.total == 2 * T and got.unet_items == 2 * T * len(SEEDS) and got.unet_calls == T
+        refs[role] = ref
+    assert rel_err(refs["strong"], refs["weak"]) > DIFFERS_RTOL  # the LoRA really changes the image
 
 
 def test_initial_latents_are_diffusers_draws():
@@ -170,25 +175,26 @@ class ForwardLog:
         self.handle.remove()
 
 
-def test_unet_batch_items_and_calls(ours, oracle):
+def test_unet_batch_items_and_calls(ours, published):
     """CFG 1 runs only the conditional branch, 0 only the unconditional one, other scales one batched call."""
-    B, lam = 2, T - 1
+    B, steps = 2, 3
+    lam = steps - 1
     unet_log, te_log = ForwardLog(ours.unet), ForwardLog(ours.models["main"].text_encoder_2)
     try:
         # demo: strong CFG 5.5 (2 items), weak CFG 1.0 (1 item), main CFG 5.5 (2 items)
-        g = ours.generate(main_setting(), list(SEEDS), (SIZE, SIZE), T, pair=DEMO_PAIR)
+        g = ours.generate(main_setting(), list(SEEDS), (SIZE, SIZE), steps, pair=DEMO_PAIR)
         assert unet_log.sizes == ([2 * B, B, 2 * B] * lam + [2 * B])
-        assert g.nfe.as_dict() == {"main": 2 * T, "strong": 2 * lam, "weak": lam, "total": 2 * T + 3 * lam}
+        assert g.nfe.as_dict() == {"main": 2 * steps, "strong": 2 * lam, "weak": lam, "total": 2 * steps + 3 * lam}
         assert g.unet_items == g.nfe.total * B == sum(unet_log.sizes) and g.unet_calls == len(unet_log.sizes)
         assert len(te_log.sizes) == 1  # one prompt, zero negatives: encoded once for all three denoisers
         # guidance pair (Z-Sampling): weak CFG 0 runs the unconditional branch only
         unet_log.sizes.clear()
-        g = ours.generate(main_setting(), list(SEEDS), (SIZE, SIZE), T, pair=guidance_pair(5.5, 0.0))
+        g = ours.generate(main_setting(), list(SEEDS), (SIZE, SIZE), steps, pair=guidance_pair(5.5, 0.0))
         assert unet_log.sizes == ([2 * B, B, 2 * B] * lam + [2 * B])
         # plain CFG 1: conditional only
         unet_log.sizes.clear()
-        g = ours.generate(main_setting(cfg=1.0), list(SEEDS), (SIZE, SIZE), T)
-        assert unet_log.sizes == [B] * T and g.nfe.total == T
+        g = ours.generate(main_setting(cfg=1.0), list(SEEDS), (SIZE, SIZE), steps)
+        assert unet_log.sizes == [B] * steps and g.nfe.total == steps
         # prompt pair: two prompts encoded
         te_log.sizes.clear()
         ours.generate(main_setting(), [SEEDS[0]], (SIZE, SIZE), 2, pair=prompt_pair(raw="a cube"))
@@ -197,18 +203,14 @@ def test_unet_batch_items_and_calls(ours, oracle):
         unet_log.close()
         te_log.close()
     # the published loop at the demo settings: 6 UNet batch items per reflecting step (CFG 1.0 still batch 2)
-    counter = UNetCallCounter(oracle.unet)
-    try:
-        published_w2sd(oracle, PROMPT, SEEDS[0], SIZE, SIZE, T, **DEMO)
-    finally:
-        counter.restore()
-    assert counter.items == 6 * lam + 2 and counter.calls == 3 * lam + 1
+    lam = T - 1
+    assert published["items"] == 6 * lam + 2 and published["calls"] == 3 * lam + 1
 
 
 def test_seed_batch_equals_single_seeds(ours):
-    both = ours.generate(main_setting(), list(SEEDS), (SIZE, SIZE), 3, pair=DEMO_PAIR).latents
+    both = ours.generate(main_setting(), list(SEEDS), (SIZE, SIZE), 2, pair=DEMO_PAIR).latents
     for row, seed in enumerate(SEEDS):
-        one = ours.generate(main_setting(), [seed], (SIZE, SIZE), 3, pair=DEMO_PAIR).latents
+        one = ours.generate(main_setting(), [seed], (SIZE, SIZE), 2, pair=DEMO_PAIR).latents
         assert rel_err(both[row : row + 1], one) <= PARITY_RTOL
 
 
@@ -230,8 +232,8 @@ def test_full_model_pair_shares_equal_modules_and_combines(folder, lora_file):
         log_main.close()
         log_weak.close()
     # identical weights and LoRA off on both sides: the full-model pair then equals a LoRA pair at scale 0
-    a = pipe.generate(main_setting(lora=0.0), [SEEDS[0]], (SIZE, SIZE), 3, pair=full_model_pair()).latents
-    b = pipe.generate(main_setting(lora=0.0), [SEEDS[0]], (SIZE, SIZE), 3, pair=lora_pair(0.0, 0.0)).latents
+    a = pipe.generate(main_setting(lora=0.0), [SEEDS[0]], (SIZE, SIZE), 2, pair=full_model_pair()).latents
+    b = pipe.generate(main_setting(lora=0.0), [SEEDS[0]], (SIZE, SIZE), 2, pair=lora_pair(0.0, 0.0)).latents
     assert rel_err(a, b) <= PARITY_RTOL
 
 
