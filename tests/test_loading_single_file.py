@@ -157,8 +157,13 @@ def _tiny_file(path, keys: dict[str, tuple[int, ...]]):
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8)}, r"LoRA file"),
         ({"double_blocks.0.img_attn.qkv.weight": (6, 2)}, r"not an SDXL single-file checkpoint.*double_blocks"),
         ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816)}, r"SDXL UNet \(sdxl_base.*no SDXL text encoders"),
+        ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+          "conditioner.embedders.1.model.ln_final.weight": (1280,),
+          "model.diffusion_model.label_emb.0.0.weight": (1536, 2560)},
+         r"laid out as sdxl_base but the UNet's model\.diffusion_model\.label_emb\.0\.0\.weight \[1536, 2560\] "
+         r"has the input width of sdxl_refiner"),
     ],
-    ids=["sd15", "sd2", "lora", "unknown", "unet_only"],
+    ids=["sd15", "sd2", "lora", "unknown", "unet_only", "mixed"],
 )
 def test_wrong_architecture_is_named(tmp_path, keys, pattern):
     path = _tiny_file(tmp_path / "other.safetensors", keys)

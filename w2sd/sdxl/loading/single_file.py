@@ -82,10 +82,20 @@ def detect_architecture(reader: CheckpointReader) -> str:
     looks like otherwise (SD 1.x / 2.x, a LoRA, a diffusers-named single component, unknown)."""
     keys = reader.keys()
     src = reader.description
+    layout = None
     if _has_prefix(keys, "conditioner.embedders.1.model.") and _has_prefix(keys, "conditioner.embedders.0.transformer."):
-        return "sdxl_base"
-    if _has_prefix(keys, "conditioner.embedders.0.model.") and not _has_prefix(keys, "conditioner.embedders.1."):
-        return "sdxl_refiner"
+        layout = "sdxl_base"
+    elif _has_prefix(keys, "conditioner.embedders.0.model.") and not _has_prefix(keys, "conditioner.embedders.1."):
+        layout = "sdxl_refiner"
+    if layout is not None:
+        by_shape = unet_architecture(reader)  # None for non-standard widths (then the strict check decides)
+        if by_shape is not None and by_shape != layout:
+            key = SGM_UNET_PREFIX + "label_emb.0.0.weight"
+            raise CheckpointError(
+                f"{src}: text encoders are laid out as {layout} but the UNet's {key} {list(reader.shape(key))} "
+                f"has the input width of {by_shape}; the file mixes two architectures"
+            )
+        return layout
     if _has_prefix(keys, "cond_stage_model.transformer."):
         raise CheckpointError(
             f"{src}: checkpoint looks like Stable Diffusion 1.x (has cond_stage_model.transformer.*, one CLIP-L text "
