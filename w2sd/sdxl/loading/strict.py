@@ -26,6 +26,7 @@ __all__ = [
     "format_key_report",
     "check_keys",
     "load_strict",
+    "state_dict_nbytes",
 ]
 
 MAX_LISTED = 20  # names listed per category in a key report
