@@ -112,3 +112,18 @@ def published_w2sd(
                 set_adapter_weight(unet, adapter, main[0])
             x = scheduler.step(eps(x, t, main[1]), t, x, eta=0.0, return_dict=False)[0]
     return x
+
+
+def write_tiny_kohya_lora(folder, path, seed: int = 31, std: float = 0.05):
+    """A random kohya LoRA (rank 4, alpha 2, LoCon convs, both text encoders) for the tiny SDXL in ``folder``,
+    built with the LoRA tests' helpers (``test_lora_models``) and saved as safetensors at ``path``."""
+    from safetensors.torch import save_file
+
+    from test_lora_models import kohya_targets, make_kohya_state_dict
+    from w2sd.sdxl.loading import load_sdxl_components
+
+    c = load_sdxl_components(folder)
+    mods, _ = kohya_targets({"unet": c.unet, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2})
+    sd = make_kohya_state_dict(mods, rank=4, alpha=lambda n, i: 2.0, seed=seed, std=std, conv_rank=4)
+    save_file(sd, str(path))
+    return path

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from helpers_published_w2sd import UNetCallCounter, published_w2sd, set_adapter_weight
+from helpers_published_w2sd import UNetCallCounter, published_w2sd, set_adapter_weight, write_tiny_kohya_lora
 from helpers_tiny_sdxl import cached_tiny_sdxl
-from test_lora_models import kohya_targets, make_kohya_state_dict
 from w2sd.sdxl.pairs import (
     Member, Pair, Setting, combine, full_model_pair, guidance_pair, lora_pair, prompt_pair, resolve,
 )
@@ -51,14 +49,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_file(folder, tmp_path_factory):
-    from w2sd.sdxl.loading import load_sdxl_components
-
-    c = load_sdxl_components(folder)
-    mods, _ = kohya_targets({"unet": c.unet, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2})
-    sd = make_kohya_state_dict(mods, rank=4, alpha=lambda n, i: 2.0, seed=SEED_LORA, std=LORA_STD, conv_rank=4)
     path = tmp_path_factory.mktemp("lora") / "tiny_kohya_lora.safetensors"
-    save_file(sd, str(path))
-    return path
+    return write_tiny_kohya_lora(folder, path, seed=SEED_LORA, std=LORA_STD)
 
 
 @pytest.fixture(scope="module")
