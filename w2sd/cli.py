@@ -12,6 +12,7 @@ from .errors import W2SDError
 # `w2sd toy` never pays for the SDXL code and vice versa.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("toy.cli", "run the toy validators (built-in Gaussian-mixture cases, or --config CASE.json)"),
+    "toy-bench": ("toy.bench.cli", "benchmark W2SD vs strong sampling and autoguidance at equal NFE on toy pairs"),
     "sdxl": ("w2sd.sdxl.cli", "W2SD on SDXL: weak / strong / W2SD images per seed (the published demo)"),
 }
 
