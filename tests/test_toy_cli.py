@@ -116,6 +116,7 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
         assert p.returncode == 2, p.stderr
         assert p.stderr.startswith("w2sd: error:") and needle in p.stderr and "Traceback" not in p.stderr
         assert p.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing created on bad input
 
 
 def test_non_writable_output_folder(tmp_path, capsys):

@@ -58,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    # Validate everything before any folder is created.
+    from w2sd.sampler import resolve_reflect_steps
+    from w2sd.schedule import NoiseSchedule
+
+    NoiseSchedule.sdxl().timesteps(args.steps)
+    resolve_reflect_steps(args.steps, args.lam)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds (reflections per step, K) must be >= 1, got {args.rounds}")
     cases = [load_case(args.config)] if args.config is not None else builtin_cases()
     expected = _result_names([c.name for c in cases], [c.dim for c in cases], args.config is not None)
     out = (prepare_output_dir(args.out, expected, overwrite=args.overwrite) if args.out is not None
