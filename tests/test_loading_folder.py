@@ -105,7 +105,9 @@ def test_folder_load_weights_configs_and_outputs(pipe, folder):
 
 def test_per_component_loaders(pipe, folder, tmp_path):
     assert _same(load_unet(folder), _reference(pipe, "unet"))
-    assert _same(load_vae(folder / "vae", dtype=torch.bfloat16), _reference(pipe, "vae"), lambda t: t.bfloat16())
+    assert _same(load_vae(folder / "vae", dtype="bf16"), _reference(pipe, "vae"), lambda t: t.bfloat16())
+    with pytest.raises(ValueError, match=r"dtype: unknown dtype name 'fp8'"):
+        load_vae(folder, dtype="fp8")
     assert _same(load_text_encoder_2(folder), _reference(pipe, "text_encoder_2"))
     assert load_tokenizer_2(folder).pad_token_id == 0  # "!" (sdxl.md §4.2)
     # A transformers-4 style text_encoder file: ``text_model.`` prefix plus the old position_ids buffer.
@@ -189,6 +191,12 @@ def test_hf_cache_snapshot_layout(pipe, folder, tmp_path, monkeypatch):
     assert torch.equal(load_unet("tiny-org/tiny-sdxl").conv_in.weight, pipe.unet.conv_in.weight)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_unet("tiny-org/absent")
+    (root / "refs" / "main").rename(root / "refs" / "other")
+    _assert_weights(load_sdxl_components(root), pipe)  # no refs/main, one snapshot: that one
+    (root / "snapshots" / "fedcba").mkdir()
+    with pytest.raises(CheckpointError, match=r"without refs/main; snapshots present: \['0123.*', 'fedcba'\]"):
+        load_sdxl_components(root)
+    (root / "snapshots" / "fedcba").rmdir()
     blob = (snap / "vae" / "diffusion_pytorch_model.safetensors").resolve()
     blob.unlink()  # a partly downloaded cache entry
     with pytest.raises(FileNotFoundError, match=r"vae/diffusion_pytorch_model.safetensors is a symlink .*blob"):

@@ -48,6 +48,7 @@ __all__ = [
     "load_tokenizer",
     "load_tokenizer_2",
     "load_scheduler_config",
+    "as_dtype",
 ]
 
 PathLike = str | os.PathLike
@@ -78,10 +79,23 @@ class SDXLComponents:
     ignored_keys: list[str] = field(default_factory=list)
 
 
-def _dtype_device(dtype: torch.dtype, device: torch.device | str) -> torch.device:
+DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+DtypeLike = torch.dtype | str
+
+
+def as_dtype(dtype: DtypeLike, name: str = "dtype") -> torch.dtype:
+    """``torch.float32/float16/bfloat16`` or one of their names (``"fp16"``, ``"bf16"``, ...)."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPE_NAMES:
+            raise ValueError(f"{name}: unknown dtype name {dtype!r} (expected one of {sorted(DTYPE_NAMES)})")
+        dtype = DTYPE_NAMES[dtype.lower()]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype!r}")
-    return torch.device(device)
+        raise ValueError(f"{name}: expected torch.float32, float16 or bfloat16, got {dtype!r}")
+    return dtype
 
 
 def _tokenizer_from(folder: Path | None, which: str):
@@ -97,11 +111,11 @@ def _tokenizer_from(folder: Path | None, which: str):
 
 def load_sdxl_components(
     path: PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: DtypeLike = torch.float32,
     device: torch.device | str = "cpu",
     variant: str | None = None,
     *,
-    vae_dtype: torch.dtype | None = None,
+    vae_dtype: DtypeLike | None = None,
     config: PathLike | None = None,
 ) -> SDXLComponents:
     """Load an SDXL pipeline from a diffusers folder, a Hugging Face cache entry or an SGM single file.
@@ -109,7 +123,8 @@ def load_sdxl_components(
     Args:
         path: diffusers folder (with ``model_index.json``), HF cache ``models--org--name`` root or snapshot,
             ``"org/name"`` present in the local HF cache, or a single ``.safetensors`` checkpoint.
-        dtype: dtype of the UNet and text encoders (float32 / float16 / bfloat16), converted per tensor.
+        dtype: dtype of the UNet and text encoders (``torch.float32/float16/bfloat16`` or ``"fp32"``, ``"fp16"``,
+            ``"bf16"``), converted per tensor.
         device: where the weights go (``"cpu"``, ``"cuda"``, ...).
         variant: e.g. ``"fp16"``: read ``*.fp16.safetensors`` where present (folders only).
         vae_dtype: dtype of the VAE (default ``dtype``); SDXL's VAE overflows in float16 (sdxl.md §5.4).
@@ -119,8 +134,9 @@ def load_sdxl_components(
     Raises:
         FileNotFoundError / CheckpointError naming the component, file or key that is wrong.
     """
-    dev = _dtype_device(dtype, device)
-    vdtype = vae_dtype or dtype
+    dtype = as_dtype(dtype)
+    vdtype = as_dtype(vae_dtype, "vae_dtype") if vae_dtype is not None else dtype
+    dev = torch.device(device)
     root = resolve_pretrained_path(path)
     if root.is_file():
         return _load_single_file_pipeline(root, dtype, vdtype, dev, config)
@@ -251,12 +267,13 @@ def _component_config(kind: str, config: PathLike | Mapping | None, file: Path |
 def _load_one(
     kind: str,
     path: PathLike,
-    dtype: torch.dtype,
+    dtype: DtypeLike,
     device: torch.device | str,
     variant: str | None,
     config: PathLike | Mapping | None,
 ) -> nn.Module:
-    dev = _dtype_device(dtype, device)
+    dtype = as_dtype(dtype)
+    dev = torch.device(device)
     p = resolve_pretrained_path(path)
     if p.is_file():
         reader = CheckpointReader([p], str(p))
@@ -276,7 +293,7 @@ def _load_one(
 
 
 def load_unet(
-    path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    path: PathLike, dtype: DtypeLike = torch.float32, device: torch.device | str = "cpu",
     variant: str | None = None, config: PathLike | Mapping | None = None,
 ) -> nn.Module:
     """UNet from a pipeline folder, its ``unet/`` folder, or a single file (SGM ``model.diffusion_model.*`` or
@@ -286,7 +303,7 @@ def load_unet(
 
 
 def load_vae(
-    path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    path: PathLike, dtype: DtypeLike = torch.float32, device: torch.device | str = "cpu",
     variant: str | None = None, config: PathLike | Mapping | None = None,
 ) -> nn.Module:
     """VAE from a pipeline folder, its ``vae/`` folder, or a single file (LDM ``first_stage_model.*``, unprefixed
@@ -295,7 +312,7 @@ def load_vae(
 
 
 def load_text_encoder(
-    path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    path: PathLike, dtype: DtypeLike = torch.float32, device: torch.device | str = "cpu",
     variant: str | None = None, config: PathLike | Mapping | None = None,
 ) -> nn.Module:
     """CLIP ViT-L/14 text encoder (``text_encoder``) from a folder or a single file."""
@@ -303,7 +320,7 @@ def load_text_encoder(
 
 
 def load_text_encoder_2(
-    path: PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    path: PathLike, dtype: DtypeLike = torch.float32, device: torch.device | str = "cpu",
     variant: str | None = None, config: PathLike | Mapping | None = None,
 ) -> nn.Module:
     """OpenCLIP ViT-bigG/14 text encoder with projection (``text_encoder_2``) from a folder or a single file."""
