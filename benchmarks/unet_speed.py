@@ -5,8 +5,9 @@ Both models are built on the meta device and receive the *same* random weight te
 weights are stored once. Each timed call is one full forward under ``torch.inference_mode``; the two models
 alternate call by call (fairer under a drifting machine load); we report the median over ``--iters`` calls after
 ``--warmup`` calls each (wall time; the process CPU time is printed too, as it is less disturbed by other
-load on a shared host -- on CUDA it only measures the launching thread). On CUDA every call is bracketed by ``torch.cuda.synchronize()`` and the peak memory of
-one forward is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``.
+load on a shared host -- on CUDA it only measures the launching thread). On CUDA every call is bracketed by
+``torch.cuda.synchronize()`` and the peak memory of one forward is ``torch.cuda.max_memory_allocated()`` after
+``reset_peak_memory_stats()``, also shown minus what was allocated before the call (weights, inputs).
 
 Configs:
   tiny  the SDXL-topology tiny test config (sdxl.md §8.2), latent 32x32, batch 2, text 77x64.
