@@ -200,6 +200,12 @@ def test_strict_errors_name_the_keys(sgm_file, folder, tmp_path):
             load_sdxl_components(tmp_path / "bad.safetensors", config=folder)
 
 
+def test_unet_only_file_without_sdxl_embedding_needs_a_config(tmp_path):
+    path = _tiny_file(tmp_path / "sd15_unet.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)})
+    with pytest.raises(CheckpointError, match=r"sd15_unet\.safetensors: the UNet has no SDXL text-time embedding"):
+        load_unet(path)
+
+
 def test_truncated_single_file_and_linear_text_projection(sgm_file, folder, folder_components, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(sgm_file.read_bytes()[:-4096])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from w2sd.errors import CheckpointError
-from w2sd.sdxl.loading.configs import SDXL_BASE_UNET_CONFIG, SINGLE_FILE_DEFAULTS
+from w2sd.sdxl.loading.configs import SINGLE_FILE_DEFAULTS
 from w2sd.sdxl.loading.folder import (
     REQUIRED_COMPONENTS,
     component_folder,
@@ -260,7 +260,13 @@ def _component_config(kind: str, config: PathLike | Mapping | None, file: Path |
         return read_json(file.parent / "config.json", f"{kind} config")
     if kind == "unet":
         arch = unet_architecture(reader)
-        return copy.deepcopy(SINGLE_FILE_DEFAULTS[arch]["unet"] if arch else SDXL_BASE_UNET_CONFIG)
+        if arch is None:
+            raise CheckpointError(
+                f"{reader.description}: the UNet has no SDXL text-time embedding of a known width "
+                "(label_emb.0.0.weight / add_embedding.linear_1.weight with 2816 or 2560 inputs), so no built-in "
+                "config fits (an SD1.x/2.x UNet?); pass config=<UNet config dict or folder>"
+            )
+        return copy.deepcopy(SINGLE_FILE_DEFAULTS[arch]["unet"])
     return copy.deepcopy(SINGLE_FILE_DEFAULTS["sdxl_base"][kind])
 
 
