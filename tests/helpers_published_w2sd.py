@@ -114,9 +114,16 @@ def published_w2sd(
     return x
 
 
+_LORA_FILES: dict = {}
+
+
 def write_tiny_kohya_lora(folder, path, seed: int = 31, std: float = 0.05):
     """A random kohya LoRA (rank 4, alpha 2, LoCon convs, both text encoders) for the tiny SDXL in ``folder``,
-    built with the LoRA tests' helpers (``test_lora_models``) and saved as safetensors at ``path``."""
+    built with the LoRA tests' helpers (``test_lora_models``) and saved as safetensors at ``path``. One file per
+    (folder, seed, std) per pytest session: later calls return the first path."""
+    key = (str(folder), seed, std)
+    if key in _LORA_FILES:
+        return _LORA_FILES[key]
     from safetensors.torch import save_file
 
     from test_lora_models import kohya_targets, make_kohya_state_dict
@@ -126,4 +133,5 @@ def write_tiny_kohya_lora(folder, path, seed: int = 31, std: float = 0.05):
     mods, _ = kohya_targets({"unet": c.unet, "text_encoder": c.text_encoder, "text_encoder_2": c.text_encoder_2})
     sd = make_kohya_state_dict(mods, rank=4, alpha=lambda n, i: 2.0, seed=seed, std=std, conv_rank=4)
     save_file(sd, str(path))
+    _LORA_FILES[key] = path
     return path

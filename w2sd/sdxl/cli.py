@@ -180,6 +180,13 @@ def build_pair(args: argparse.Namespace):
     return pair, {"weak": weak_image, "strong": main, "w2sd": main}
 
 
+def describe(setting, main) -> str:
+    """One line for a setting: model, LoRA scale, CFG scale, and the prompt when it is not the main one."""
+    text = f"[{setting.model} model, LoRA {'-' if setting.lora_scale is None else setting.lora_scale}, " \
+           f"CFG {setting.guidance_scale}"
+    return text + (f", prompt {setting.prompt!r}]" if setting.prompt != main.prompt else "]")
+
+
 # ---------------------------------------------------------------------------------------------- output files
 
 
@@ -220,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     pair, image_settings = build_pair(args)
     save_dir = prepare_output_dir(args.save_dir, output_names(args.seed, args.save_latents), args.overwrite)
 
+    from w2sd.sdxl.pairs import resolve
     from w2sd.sdxl.pipeline import SDXLPipeline
 
     t0 = time.perf_counter()
@@ -230,7 +238,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"loaded {args.model} in {load_s:.1f} s on {device} ({device_name}), {str(dtype).replace('torch.', '')}"
           + (f"; weak model {args.weak_model}" if args.weak_model else "")
           + (f"; LoRA {args.lora_path}" if args.lora_path else ""))
-    print(f"pair: {pair.kind}; strong {pair.strong}, weak {pair.weak}")
+    main_setting = image_settings["w2sd"]
+    print(f"pair {pair.kind}: " + "; ".join(
+        f"{role} {describe(resolve(getattr(pair, role), main_setting), main_setting)}" for role in ("strong", "weak"))
+        + f"; main step {describe(main_setting, main_setting)}")
     size = (args.size, args.size)
 
     for start in range(0, len(args.seed), args.batch_size):
