@@ -64,14 +64,20 @@ def run(args: argparse.Namespace) -> int:
         quick = args.preset == "quick"
         folder = args.learned_dir if args.learned_dir is not None else out / "learned_pair"
         log(f"learned pair: loading or training in {folder}")
-        pair = L.load_or_train_pair(folder, L.ring_data(), schedule,
-                                    strong=L.STRONG_QUICK if quick else L.STRONG,
-                                    weak=L.WEAK_QUICK if quick else L.WEAK, retrain=args.retrain, log=log)
+        cached = [folder / f"{role}.safetensors" for role in ("strong", "weak")]
+        if args.learned_dir is not None and not args.retrain and all(p.is_file() for p in cached):
+            # an explicitly given pair is used whatever its training config (reported in the case description)
+            t1 = time.perf_counter()
+            pair = L.LearnedPair(L.load(cached[0]), L.load(cached[1]), False, time.perf_counter() - t1)
+        else:
+            pair = L.load_or_train_pair(folder, L.ring_data(), schedule,
+                                        strong=L.STRONG_QUICK if quick else L.STRONG,
+                                        weak=L.WEAK_QUICK if quick else L.WEAK, retrain=args.retrain, log=log)
         log(f"learned pair: {'trained' if pair.trained else 'loaded'} in {pair.seconds:.1f} s")
         learned_factory = lambda: L.learned_case(pair)  # noqa: E731
     results = run_suite(config, log=log, learned_case=learned_factory)
     seconds = time.perf_counter() - t0
-    argv = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("w2sd") else None
+    argv = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["toy-bench"] else None
     settings = {
         "command": "w2sd " + (argv or f"toy-bench --preset {args.preset}"),
         "preset": args.preset, "seconds": seconds, "threads": args.threads, "torch": torch.__version__,

@@ -49,6 +49,6 @@ def forest_figure(rows: Sequence[dict], title: str = "paired difference vs stron
     ax.set_xlabel("change of the primary metric vs strong, % (negative = closer to the real distribution)")
     ax.set_xscale("symlog", linthresh=10)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     fig.tight_layout()
     return fig

@@ -48,10 +48,11 @@ class Plan:
     lam: int
     nfe_strong: int
     nfe_weak: int
+    nfe_real: int = 0    # the floor runs the real model itself
 
     @property
     def nfe(self) -> int:
-        return self.nfe_strong + self.nfe_weak
+        return self.nfe_strong + self.nfe_weak + self.nfe_real
 
 
 def method_set(light: bool = False, quick: bool = False) -> list[Method]:
@@ -85,7 +86,7 @@ def plan(method: Method, c_s: int, c_w: int, nfe_budget: int) -> Plan:
     clamp = lambda v: int(min(max(round(v), 2), MAX_STEPS))  # noqa: E731
     if method.family == "floor":
         t = clamp(nfe_budget)
-        return Plan(t, 0, 0, 0)
+        return Plan(t, 0, 0, 0, nfe_real=t)
     if method.family == "strong":
         t = REFERENCE_STEPS if not method.equal_nfe else clamp(nfe_budget / c_s)
         return Plan(t, 0, t * c_s, 0)

@@ -157,7 +157,7 @@ def render(summaries: Sequence[dict], settings: dict, figure_dir: str | None) ->
         add("|" + "---|" * len(head))
         for m in s["methods"]:
             cells = [m["label"], str(m["steps"]), str(m["lam"]) if m["family"] == "w2sd" else "-",
-                     f"{m['nfe']} ({m['nfe_strong']}+{m['nfe_weak']})" if m["family"] != "floor" else f"{m['steps']} (real)"]
+                     f"{m['nfe']} ({m['nfe_strong']}+{m['nfe_weak']})" if m["family"] != "floor" else f"{m['nfe']} (real)"]
             for k in metrics:
                 cells.append(f"{_f(m['mean'].get(k))} ± {_f(m['sd'].get(k))}" if k in m["mean"] else "-")
             d = m["vs_strong"].get(s["primary"])

@@ -109,6 +109,9 @@ def run_case_bench(case: BenchCase, config: BenchConfig, schedule: NoiseSchedule
         reference = SlicedW2(case.real.sample(n, g)) if case.dim > 1 else None
         for m in methods:
             res = run_method(m, plans[m.key], pair, real, x_T, schedule)
+            if res.nfe.total != plans[m.key].nfe:
+                raise AssertionError(f"{case.name}/{m.key}: sampler counted {res.nfe.as_dict()} NFE, plan "
+                                     f"{plans[m.key]}")
             with torch.no_grad():
                 x = res.x.detach().to(torch.float64)
             for k, v in case_metrics(x, case, reference, threshold).items():
@@ -122,7 +125,8 @@ def run_case_bench(case: BenchCase, config: BenchConfig, schedule: NoiseSchedule
         row = {"key": m.key, "label": m.label, "family": m.family, "steps": p.steps, "lam": p.lam,
                "rounds": m.rounds if m.family == "w2sd" else None,
                "inversion": m.inversion if m.family == "w2sd" else None, "weight": m.weight,
-               "nfe": p.nfe, "nfe_strong": p.nfe_strong, "nfe_weak": p.nfe_weak, "equal_nfe": m.equal_nfe,
+               "nfe": p.nfe, "nfe_strong": p.nfe_strong, "nfe_weak": p.nfe_weak, "nfe_real": p.nfe_real,
+               "equal_nfe": m.equal_nfe,
                "per_seed": per_seed[m.key], "mean": {}, "sd": {}, "vs_strong": {}, "vs_ag": {}}
         for k, vals in per_seed[m.key].items():
             row["mean"][k], row["sd"][k] = mean_sd(vals)
