@@ -12,7 +12,9 @@ Rows:
               algorithmic saving from UNet-implementation speed
   published   the published loop on diffusers' UNet + peft ``set_adapters`` + DDIM(Inverse)Scheduler (6 items)
 Ratios: w2sd / plain vs the UNet-item ratio (target <= item ratio x 1.05) and published / w2sd (target: w2sd at
-least 15% faster, i.e. w2sd / published <= 0.85 at the demo defaults).
+least 15% faster, i.e. w2sd / published <= 0.85 at the demo defaults). The items only set the cost when a batch-1
+UNet call costs half a batch-2 call; the last line times both and prints the ratios those costs predict, so the
+sampler's own overhead (the gap between measured and predicted) is visible on small, overhead-bound configs too.
 
     python benchmarks/sdxl_speed.py                     # CPU, tiny config (a smoke run of every code path)
     python benchmarks/sdxl_speed.py --config mid --T 4   # CPU, bigger
@@ -167,6 +169,10 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             for name, (fn, _) in methods.items():
                 times[name].append(_timed(fn, device))
+        # cost model: one UNet call at batch 1 (CFG 1) and at batch 2 (CFG 5.5), each timed 3 times
+        t_mid = timesteps[len(timesteps) // 2]
+        c1 = sorted(_timed(lambda: den("weak")(x0, t_mid), device) for _ in range(3))[1]
+        c2 = sorted(_timed(lambda: den("main")(x0, t_mid), device) for _ in range(3))[1]
     sec = {k: sorted(v)[len(v) // 2] / T for k, v in times.items()}
     rows = [dict(method=k, items_per_image=items, s_per_step=sec[k], vs_plain=sec[k] / sec["plain"],
                  items_vs_plain=items / methods["plain"][1]) for k, (_, items) in methods.items()]
@@ -181,6 +187,11 @@ def main(argv=None) -> int:
           f"; published / w2sd = {1 / r_pub:.3f}")
     print(f"w2sd / w2sd_batch2 = {r_b2:.3f}  (same UNet; item ratio "
           f"{methods['w2sd'][1] / methods['w2sd_batch2'][1]:.3f})")
+    lam = T - 1
+    w2sd_cost, plain_cost, pub_cost = T * c2 + lam * (c2 + c1), T * c2, T * c2 + 2 * lam * c2
+    print(f"UNet call: batch 1 {c1 * 1e3:.1f} ms, batch 2 {c2 * 1e3:.1f} ms (batch-1 / batch-2 = {c1 / c2:.3f}); "
+          f"from these costs w2sd / plain should be {w2sd_cost / plain_cost:.3f} and w2sd / published-on-our-UNet "
+          f"{w2sd_cost / pub_cost:.3f}")
     if device.type == "cuda":
         print(f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     return 0
