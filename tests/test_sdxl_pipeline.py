@@ -121,17 +121,22 @@ def test_paper_lora_setting_and_negative_prompt_match_published_loop(ours, oracl
 
 def test_plain_images_match_diffusers_pipeline(ours, oracle):
     """The demo's weak image (LoRA off) and strong image (LoRA at the main scale; the text encoders carry the LoRA
-    too, as after diffusers' set_adapters) for a batch of two seeds: latents (output_type="latent") and images
-    decoded by the oracle's own VAE + image processor."""
+    too, as after diffusers' set_adapters) for a batch of two seeds: the pipeline's decoded output
+    (output_type="pt") and its final latents (captured by callback_on_step_end at the last step)."""
     kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=T, guidance_scale=DEMO["main"][1],
-                  num_images_per_prompt=len(SEEDS), output_type="latent")
+                  num_images_per_prompt=len(SEEDS), output_type="pt", callback_on_step_end_tensor_inputs=["latents"])
     refs = {}
     for role, lora in (("weak", 0.0), ("strong", DEMO["main"][0])):
         set_adapter_weight(oracle, "lora", lora)  # pipeline level: UNet and both text encoders
-        ref = oracle(**kwargs, generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS]).images
-        with torch.no_grad():
-            decoded = oracle.vae.decode(ref / oracle.vae.config.scaling_factor, return_dict=False)[0]
-        ref_images = oracle.image_processor.postprocess(decoded, output_type="pt")
+        captured = {}
+
+        def keep(pipe, i, t, tensors):
+            captured[i] = tensors["latents"].clone()
+            return tensors
+
+        ref_images = oracle(**kwargs, generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS],
+                            callback_on_step_end=keep).images
+        ref = captured[T - 1]
         got = ours.generate(main_setting(lora=lora), list(SEEDS), (SIZE, SIZE), T)
         assert rel_err(got.latents, ref) <= PARITY_RTOL, role
         assert rel_err(ours.decode(got.latents), ref_images) <= PARITY_RTOL, role
