@@ -19,7 +19,7 @@ from helpers_published_w2sd import write_tiny_kohya_lora
 from helpers_tiny_sdxl import cached_tiny_sdxl
 from w2sd.cli import main
 from w2sd.sdxl import cli as sdxl_cli
-from w2sd.sdxl.pairs import Setting, lora_pair
+from w2sd.sdxl.pairs import Setting, guidance_pair, lora_pair
 from w2sd.sdxl.pipeline import SDXLPipeline
 
 LATENT_RTOL = 1e-5   # CLI latents vs the library call in the same process (same code path; float32)
@@ -98,6 +98,27 @@ def test_cli_end_to_end(folder, lora_file, tmp_path, capsys):
     assert (out / f"seed_{SEEDS[0]}.json").read_text() == before
 
 
+def test_cli_single_file_guidance_pair(folder, tmp_path):
+    """A single SGM .safetensors checkpoint (+ --config for the tiny configs), no LoRA: the pair is the guidance
+    difference alone (= Z-Sampling, weak CFG 0), and the weak image is the strong one (computed once)."""
+    from helpers_tiny_sdxl import write_sgm_single_file
+
+    file = write_sgm_single_file(folder, tmp_path / "tiny_sdxl.safetensors")
+    out = tmp_path / "res"
+    argv = ["sdxl", "--model", str(file), "--config", str(folder), "--prompt", PROMPT, "--size", str(SIZE), "--T",
+            "2", "--seed", "3", "--weak_guidance_scale", "0", "--save_dir", str(out), "--save_latents",
+            "--device", "cpu", "--dtype", "fp32", "--no_progress"]
+    assert main(argv) == 0
+    rec = json.loads((out / "seed_3.json").read_text())
+    assert rec["pair"]["kind"] == "guidance" and rec["weak_is_strong"] is True
+    assert rec["nfe"]["w2sd"]["total"] == 2 * 2 + 3 * 1  # weak CFG 0: unconditional branch only
+    lib = SDXLPipeline.load(folder).generate(Setting("main", None, 5.5, PROMPT), [3], (SIZE, SIZE), 2,
+                                             pair=guidance_pair(5.5, 0.0))
+    latents = load_file(str(out / "seed_3_latents.safetensors"))
+    assert rel_err(latents["w2sd"], lib.latents) <= LATENT_RTOL
+    assert torch.equal(latents["weak"], latents["strong"])
+
+
 def test_png_writer_round_trip(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
     path = tmp_path / "x.png"
@@ -117,6 +138,7 @@ BAD_INPUTS = [
     (["--guidance_scale", "nan"], "--guidance_scale must be a finite number"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--device", "tpu0"], "is not a torch device"),
+    (["--config", "/nonexistent/folder"], "--config: not a diffusers folder"),
 ]
 
 

@@ -22,7 +22,8 @@ from w2sd.sdxl.pipeline import SDXLPipeline, initial_latents
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-PARITY_RTOL = 1e-4     # max |ours - oracle| / max |oracle|, float32 (the required bound)
+PARITY_RTOL = 1e-4     # max |ours - oracle| / max |oracle|, float32 (the required bound; measured 2.2e-6 reference,
+                       # 2.7e-6 exact at T=4, diffusers 0.42.1 / peft 0.21.2 / torch 2.13 CPU)
 DIFFERS_RTOL = 1e-3    # two results that must differ do so by at least this much
 SEED_LORA = 31
 LORA_STD = 0.05        # std of the random kohya tensors (rank 4, alpha 2)

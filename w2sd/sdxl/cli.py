@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weak_model", default=None, help="a second checkpoint as the weak model (full-model pair)")
     g.add_argument("--lora_path", default=None, help="LoRA .safetensors (kohya, PEFT or old diffusers format)")
     g.add_argument("--variant", default=None, help='read "*.{variant}.safetensors" files of folders, e.g. fp16')
+    g.add_argument("--config", default=None,
+                   help="diffusers folder with the configs / tokenizers for single-file checkpoints (default: SDXL's)")
     g = p.add_argument_group("prompt and image")
     g.add_argument("--prompt", required=True, help="text prompt")
     g.add_argument("--negative_prompt", default=None, help="negative prompt (default: none = zero embeddings)")
@@ -84,11 +86,14 @@ def _finite(name: str, value: float) -> float:
     return value
 
 
-def latent_factor(model: str | os.PathLike) -> int:
-    """The VAE's spatial factor from ``vae/config.json`` of a pipeline folder (cheap); 8 for single files."""
+def latent_factor(model: str | os.PathLike, config: str | os.PathLike | None = None) -> int:
+    """The VAE's spatial factor from ``vae/config.json`` of a pipeline folder (cheap), of ``config`` for a single
+    file, else 8 (SDXL)."""
     from w2sd.sdxl.loading import resolve_pretrained_path
 
     root = resolve_pretrained_path(model)  # FileNotFoundError names the path
+    if root.is_file() and config is not None:
+        root = resolve_pretrained_path(config)
     cfg = root / "vae" / "config.json"
     if root.is_dir() and cfg.is_file():
         try:
@@ -138,7 +143,9 @@ def check_args(args: argparse.Namespace) -> tuple[torch.dtype, torch.device]:
         raise ConfigError(f"--dtype must be fp32, fp16 or bf16, got {args.dtype!r}")
     if args.size < 1:
         raise ConfigError(f"--size must be a positive number of pixels, got {args.size}")
-    factor = latent_factor(args.model)
+    if args.config is not None and not Path(args.config).is_dir():
+        raise FileNotFoundError(f"--config: not a diffusers folder: {args.config}")
+    factor = latent_factor(args.model, args.config)
     if args.size % factor:
         raise ConfigError(f"--size {args.size} is not a multiple of {factor} (the VAE's latent factor)")
     if args.weak_model is not None:
@@ -232,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     pipe = SDXLPipeline.load(args.model, args.weak_model, args.lora_path, dtype=dtype, device=device,
-                             variant=args.variant)
+                             variant=args.variant, config=args.config)
     load_s = time.perf_counter() - t0
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"loaded {args.model} in {load_s:.1f} s on {device} ({device_name}), {str(dtype).replace('torch.', '')}"
@@ -275,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             if args.save_latents:
                 from safetensors.torch import save
 
-                blob = save({r: runs[r].latents[row : row + 1].detach().float().cpu().contiguous() for r in ROLES},
+                blob = save({r: runs[r].latents[row : row + 1].detach().float().cpu().clone() for r in ROLES},
                             metadata={"format": "pt", "seed": str(seed), "dtype": str(dtype)})
                 atomic_write(save_dir / f"seed_{seed}_latents.safetensors", lambda f: f.write(blob))
                 files.append(f"seed_{seed}_latents.safetensors")

@@ -120,18 +120,25 @@ class SDXLPipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, model, weak_model=None, lora_path=None, *, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", variant: str | None = None, lora_name: str = "lora",
+             device: torch.device | str = "cpu", variant: str | None = None, config=None, lora_name: str = "lora",
              coefficients: str = "float32") -> "SDXLPipeline":
         """Load the main checkpoint (folder, HF cache entry or single file), optionally a weak checkpoint (its
-        text encoders / VAE are shared with the main one when identical) and a LoRA attached to the main one."""
+        text encoders / VAE are shared with the main one when identical) and a LoRA attached to the main one.
+        ``config``: a diffusers folder whose configs / tokenizers are used for single-file checkpoints (default:
+        the built-in SDXL base configs); folders carry their own."""
         from w2sd.lora import attach_lora, load_lora
-        from w2sd.sdxl.loading import load_sdxl_components
+        from w2sd.sdxl.loading import load_sdxl_components, resolve_pretrained_path
+
+        def load_one(path):
+            single = resolve_pretrained_path(path).is_file()
+            return load_sdxl_components(path, dtype=dtype, device=device, variant=variant,
+                                        config=config if single else None)
 
         lora = load_lora(lora_path) if lora_path is not None else None  # parse the small file first
-        main = load_sdxl_components(model, dtype=dtype, device=device, variant=variant)
+        main = load_one(model)
         weak = None
         if weak_model is not None:
-            weak = load_sdxl_components(weak_model, dtype=dtype, device=device, variant=variant)
+            weak = load_one(weak_model)
             share_equal_modules(main, weak)
         handle = None
         if lora is not None:
