@@ -103,7 +103,7 @@ def test_cli_single_file_guidance_pair(folder, tmp_path):
     difference alone (= Z-Sampling, weak CFG 0), and the weak image is the strong one (computed once)."""
     from helpers_tiny_sdxl import write_sgm_single_file
 
-    file = write_sgm_single_file(folder, tmp_path / "tiny_sdxl.safetensors")
+    file = write_sgm_single_file(folder, tmp_path / "tiny_sdxl.safetensors", junk=False)
     out = tmp_path / "res"
     argv = ["sdxl", "--model", str(file), "--config", str(folder), "--prompt", PROMPT, "--size", str(SIZE), "--T",
             "2", "--seed", "3", "--weak_guidance_scale", "0", "--save_dir", str(out), "--save_latents",

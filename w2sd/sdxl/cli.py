@@ -1,7 +1,8 @@
 """``w2sd sdxl``: the published W2SD demo (``w2sd_lora.py``) on our SDXL port.
 
 For every seed it samples three images from the same initial latent, like the demo:
-  weak    the weak member's model (base model: LoRA off, or --weak_model) at the main CFG scale;
+  weak    the weak member's model (base model: LoRA off, or --weak_model) and prompt at the main CFG scale
+          (when that is the strong image's setting, e.g. a pure guidance pair, it is computed once);
   strong  the main model with the LoRA at --lora_scale, main CFG (plain DDIM);
   w2sd    W2SD: main step as "strong", reflections with the strong / weak members (Algorithm 1).
 and writes SAVE_DIR/seed_{seed}.png (weak | strong | w2sd side by side), seed_{seed}_{weak,strong,w2sd}.png,
@@ -270,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
         if "weak" not in runs:
             runs["weak"] = runs["strong"]
         t1 = time.perf_counter()
-        images = {role: pipe.decode(runs[role].latents, model=image_settings[role].model) for role in ROLES}
+        images = {role: pipe.decode(runs[role].latents, model=image_settings[role].model)
+                  for role in ROLES if not (role == "weak" and runs["weak"] is runs["strong"])}
+        images.setdefault("weak", images["strong"])
         decode_s = time.perf_counter() - t1
         for row, seed in enumerate(seeds):
             tiles = {role: to_uint8(images[role][row]) for role in ROLES}
