@@ -59,6 +59,10 @@ def add_lora(theirs, ours, rank: int, seed: int = 3):
     torch.manual_seed(seed)
     theirs.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False),
                        adapter_name="lora")
+    with torch.no_grad():  # keep the random LoRA's update small (no overflow / denormals at scales 1.5 and -1.5)
+        for name, param in theirs.named_parameters():
+            if ".lora_B." in name:
+                param.mul_(0.01)
     sd = get_peft_model_state_dict(theirs, adapter_name="lora")
     lora = load_lora({"unet." + k: v.float().cpu() for k, v in sd.items()})
     return attach_lora({"unet": ours}, lora, name="lora")
