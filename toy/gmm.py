@@ -168,28 +168,32 @@ class GaussianMixture:
         """Isotropic fast path in a (K, N) layout (reductions over K are then contiguous row operations).
 
         log N(x; m_k, v_k I) + log w_k = x.m_k / v_k - |x|^2 / (2 v_k) + c_k,   c_k = log w_k - |m_k|^2/(2 v_k) - d/2 log(2 pi v_k)
-        When all v_k are equal the |x|^2 term is common to every k and cancels in the responsibilities.
+        score(x) = sum_k r_k (m_k - x) / v_k.  When all v_k are equal the |x|^2 term is common to every k and
+        cancels in the responsibilities r_k, and score = (sum_k r_k m_k - x) / v.
         """
         d = x.shape[1]
         var = p.var
         c = p.log_w - 0.5 * (p.means * p.means).sum(-1) / var - 0.5 * d * torch.log(2 * math.pi * var)  # (K,)
-        logits = torch.addmm(c[:, None], p.means / var[:, None], x.T)  # (K, N)
+        xT = x.T                                                           # (d, N) view
+        logits = torch.addmm(c[:, None], p.means / var[:, None], xT)       # (K, N)
         shared_var = bool((var == var[0]).all())
-        x2 = None
         if not (shared_var and need_score):
-            x2 = (x * x).sum(-1)  # (N,)
-            logits = logits - (0.5 / var)[:, None] * x2[None]
+            logits -= (0.5 / var)[:, None] * (x * x).sum(-1)[None]
         if not need_score:
             return logits.T, None
-        r = logits - logits.amax(0)
-        r.exp_()
-        r /= r.sum(0)  # (K, N) responsibilities
+        logits -= logits.amax(0)
+        logits.exp_()                                                      # unnormalised r_k, (K, N)
+        denom = logits.sum(0)                                              # (N,)
         if shared_var:
-            score = (r.T @ p.means - x) / var[0]  # -(x - sum_k r_k m_k) / v
+            score = p.means.T @ logits                                     # (d, N) = sum_k r_k m_k * denom
+            score /= denom
+            score -= xT
+            score /= var[0]
         else:
-            r_over_v = r / var[:, None]
-            score = torch.addcmul(r_over_v.T @ p.means, x, r_over_v.sum(0)[:, None], value=-1)
-        return None, score
+            r_over_v = logits / var[:, None]
+            score = p.means.T @ r_over_v - xT * r_over_v.sum(0)
+            score /= denom
+        return None, score.T                                               # (N, d)
 
     def log_prob(self, x: torch.Tensor, alpha_bar: float = 1.0) -> torch.Tensor:
         """log p_t(x), shape (N,); ``alpha_bar = 1`` is the clean mixture p_0."""

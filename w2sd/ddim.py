@@ -105,16 +105,26 @@ def ddim_step(
         )
     ab_from, ab_to = schedule.alpha_bar(t_from), schedule.alpha_bar(t_to)
     a_from, b_from, a_to, direction, std = _step_coefficients(ab_from, ab_to, eta, schedule.coefficients)
+    if schedule.prediction_type == "epsilon" and not schedule.clip_sample:
+        # The update is linear in (x, eps): x_to = (a_to / a_from) x + (direction - a_to b_from / a_from) eps,
+        # two passes over memory instead of five (same value up to rounding).
+        x_to = (x * (a_to / a_from)).add_(model_output, alpha=direction - a_to * b_from / a_from)
+        return _add_noise(x_to, std, generator, noise)
     x0, eps = split_model_output(model_output, x, ab_from, schedule.prediction_type, a_from, b_from)
     if schedule.clip_sample:
         x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
         if use_clipped_model_output:
             eps = (x - a_from * x0) / b_from
     x_to = a_to * x0 + direction * eps
+    return _add_noise(x_to, std, generator, noise)
+
+
+def _add_noise(x_to: torch.Tensor, std: float, generator: torch.Generator | None,
+               noise: torch.Tensor | None) -> torch.Tensor:
     if std > 0:
         if noise is None:
             # Draw on the generator's device (a CPU generator for CUDA latents, as diffusers' randn_tensor does).
-            device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+            device = generator.device if generator is not None else x_to.device
+            noise = torch.randn(x_to.shape, generator=generator, dtype=x_to.dtype, device=device).to(x_to.device)
         x_to = x_to + std * noise
     return x_to
