@@ -4,6 +4,7 @@ report with tables, PNG figures and the raw numbers (JSON)."""
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from w2sd.outputs import atomic_save_figure, atomic_write, atomic_write_json, new_run_dir, prepare_output_dir
+    from w2sd.outputs import atomic_save_figure, atomic_write, new_run_dir, prepare_output_dir
 
     from .. import learned as L
     from .report import forest_rows, render
@@ -105,7 +106,19 @@ def run(args: argparse.Namespace) -> int:
     settings["seconds"] = time.perf_counter() - t0
     text = render(summaries, settings, None if args.no_plots else fig_dir)
     atomic_write(out / f"{args.name}.md", lambda f: f.write(text.encode("utf-8")))
-    atomic_write_json(out / f"{args.name}.json", {"settings": settings, "cases": summaries})
+    payload = json.dumps(_rounded({"settings": settings, "cases": summaries}), separators=(",", ":")).encode("utf-8")
+    atomic_write(out / f"{args.name}.json", lambda f: f.write(payload))
     log(f"wrote {args.name}.md, {args.name}.json{'' if args.no_plots else f' and {fig_dir}/'} to {out} "
         f"({settings['seconds']:.1f} s)")
     return 0
+
+
+def _rounded(obj, digits: int = 6):
+    """Floats rounded to ``digits`` significant digits (keeps the JSON small; the CIs are far wider)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj

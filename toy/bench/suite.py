@@ -52,7 +52,7 @@ class BenchConfig:
         for name in ("n", "seeds"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
-                raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
+                raise ValueError(f"{name} (--{name}) must be an integer >= 2, got {v!r}")
 
     def setting(self, key: str):
         override = {"n": self.n, "seeds": self.seeds}.get(key)
@@ -66,28 +66,22 @@ class CaseResult:
     samples: dict[str, torch.Tensor] = field(default_factory=dict)   # seed 0, for figures
 
 
-def select_cases(config: BenchConfig, learned_case: Callable[[], BenchCase] | None = None) -> list[Callable[[], BenchCase]]:
-    """Case factories for ``config`` (names validated)."""
-    from . import cases as C
-
-    factories: dict[str, Callable[[], BenchCase]] = {c.name: f for c, f in (
-        (f(), f) for f in (C.aligned_1d, C.too_weak_1d, C.four_modes, C.ring8, C.blurry, C.tree, C.guidance_gap,
-                          C.equal_control, C.swapped_control, C.opposed_control_1d, C.opposed_control_2d))}
-    if learned_case is not None:
-        factories["learned_ring8"] = learned_case
+def select_cases(config: BenchConfig, learned_case: Callable[[], BenchCase] | None = None) -> list[BenchCase]:
+    """The cases of ``config`` in report order (names validated; the learned case last when given)."""
+    cases = analytic_cases() + ([learned_case()] if learned_case is not None else [])
+    by_name = {c.name: c for c in cases}
     if config.cases:
-        unknown = [c for c in config.cases if c not in factories and c != "learned_ring8"]
+        known = sorted(by_name) + ([] if learned_case is not None else ["learned_ring8"])
+        unknown = [c for c in config.cases if c not in known]
         if unknown:
-            raise ValueError(f"unknown case(s) {unknown}; choose from {sorted(factories) + ['learned_ring8']}")
-        return [factories[c] for c in config.cases if c in factories]
-    chosen = list(factories.values())
+            raise ValueError(f"unknown case(s) {unknown}; choose from {known}")
+        return [by_name[c] for c in config.cases if c in by_name]
     if PRESETS[config.preset]["skip_light"]:
-        chosen = [f for f in chosen if not f().light]
-    return chosen
+        cases = [c for c in cases if not c.light]
+    return cases
 
 
-def run_case_bench(case: BenchCase, config: BenchConfig, schedule: NoiseSchedule,
-                   log: Callable[[str], None] = print) -> CaseResult:
+def run_case_bench(case: BenchCase, config: BenchConfig, schedule: NoiseSchedule) -> CaseResult:
     """All methods and seeds of one case."""
     t0 = time.perf_counter()
     pair = case.make_pair(schedule)
@@ -149,16 +143,15 @@ def run_suite(config: BenchConfig, log: Callable[[str], None] = print,
               learned_case: Callable[[], BenchCase] | None = None) -> list[CaseResult]:
     """Run every selected case; ``log`` receives one progress line per case."""
     schedule = bench_schedule()
-    factories = select_cases(config, learned_case)
+    cases = select_cases(config, learned_case)
     results = []
-    for i, factory in enumerate(factories, 1):
+    for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        case = factory()
-        r = run_case_bench(case, config, schedule, log)
+        r = run_case_bench(case, config, schedule)
         results.append(r)
         w2 = next(m for m in r.summary["methods"] if m["key"].startswith("w2sd_exact_K1_f1"))
         v = w2["vs_strong"].get(case.primary, {})
-        log(f"[{i}/{len(factories)}] {case.name}: {len(r.summary['methods'])} methods x {r.summary['seeds']} seeds, "
+        log(f"[{i}/{len(cases)}] {case.name}: {len(r.summary['methods'])} methods x {r.summary['seeds']} seeds, "
             f"n={r.summary['n']}, NFE {r.summary['budget']}: W2SD vs strong on {case.primary}: "
             f"{v.get('mean', float('nan')):+.4f} [{v.get('lo', float('nan')):+.4f}, {v.get('hi', float('nan')):+.4f}] "
             f"{v.get('verdict', '-')}  ({time.perf_counter() - t0:.1f} s)")
