@@ -15,9 +15,9 @@ print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft
 PY
 if [ "${1:-}" = "--dry-run" ]; then
   echo "== unet_speed (tiny, CPU) =="
-  timeout 300 python benchmarks/unet_speed.py --config tiny --device cpu --dtype float32 --iters 2 --warmup 1
+  timeout 300 python benchmarks/unet_speed.py --config tiny --device cpu --dtype float32 --iters 2 --warmup 1 --threads 1
   echo "== sdxl_speed (tiny, CPU) =="
-  timeout 300 python benchmarks/sdxl_speed.py --config tiny --device cpu --dtype float32 --T 2 --rank 4
+  timeout 300 python benchmarks/sdxl_speed.py --config tiny --device cpu --dtype float32 --T 2 --rank 4 --threads 1
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   echo "== unet_speed (full SDXL UNet, fp16, CUDA) =="
