@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_scale", type=float, default=0.8, help="LoRA scale of the main step and the strong image")
     g.add_argument("--guidance_scale", type=float, default=5.5, help="CFG scale of the main step and plain images")
     g.add_argument("--strong_lora_scale", type=float, default=1.5, help="LoRA scale of the strong member")
-    g.add_argument("--weak_lora_scale", type=float, default=-1.5, help="LoRA scale of the weak member")
+    g.add_argument("--weak_lora_scale", type=float, default=-1.5, help="LoRA scale of the weak member (not used with --weak_model: the LoRA is on the main model)")
     g.add_argument("--strong_guidance_scale", type=float, default=5.5, help="CFG scale of the strong member")
     g.add_argument("--weak_guidance_scale", type=float, default=1.0, help="CFG scale of the weak member")
     g.add_argument("--lam", type=int, default=None, help="reflect on the first lam steps (default T-1)")
