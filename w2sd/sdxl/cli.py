@@ -60,12 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, nargs="+", default=[5555], help="one or more seeds (default 5555)")
     g.add_argument("--batch_size", type=int, default=1, help="seeds sampled together in one batch (default 1)")
     g = p.add_argument_group("W2SD")
-    g.add_argument("--lora_scale", type=float, default=0.8, help="LoRA scale of the main step and the strong image (default 0.8)")
-    g.add_argument("--guidance_scale", type=float, default=5.5, help="CFG scale of the main step and plain images (default 5.5)")
-    g.add_argument("--strong_lora_scale", type=float, default=1.5, help="LoRA scale of the strong member (default 1.5)")
-    g.add_argument("--weak_lora_scale", type=float, default=-1.5, help="LoRA scale of the weak member (default -1.5; not used with --weak_model: the LoRA is on the main model)")
-    g.add_argument("--strong_guidance_scale", type=float, default=5.5, help="CFG scale of the strong member (default 5.5)")
-    g.add_argument("--weak_guidance_scale", type=float, default=1.0, help="CFG scale of the weak member (default 1.0; 0 = unconditional)")
+    scale = {"type": float}
+    g.add_argument("--lora_scale", default=0.8, **scale,
+                   help="LoRA scale of the main step and the strong image (default 0.8)")
+    g.add_argument("--guidance_scale", default=5.5, **scale,
+                   help="CFG scale of the main step and plain images (default 5.5)")
+    g.add_argument("--strong_lora_scale", default=1.5, **scale, help="LoRA scale of the strong member (default 1.5)")
+    g.add_argument("--weak_lora_scale", default=-1.5, **scale,
+                   help="LoRA scale of the weak member (default -1.5; unused with --weak_model: the LoRA is on the "
+                        "main model)")
+    g.add_argument("--strong_guidance_scale", default=5.5, **scale, help="CFG scale of the strong member (default 5.5)")
+    g.add_argument("--weak_guidance_scale", default=1.0, **scale,
+                   help="CFG scale of the weak member (default 1.0; 0 = unconditional)")
     g.add_argument("--lam", type=int, default=None, help="reflect on the first lam steps (default T-1)")
     g.add_argument("--inversion", default="exact",
                    help="exact (paper: invert t_{i+1} -> t_i, default) or reference (the published code's levels)")
@@ -131,7 +137,8 @@ def check_args(args: argparse.Namespace) -> tuple[torch.dtype, torch.device]:
                  "weak_guidance_scale"):
         _finite(name, getattr(args, name))
     try:
-        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(args.device or default)
     except RuntimeError:
         raise ConfigError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():

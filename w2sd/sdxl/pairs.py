@@ -104,7 +104,8 @@ def _merge(a: Member, b: Member, side: str) -> Member:
     for f in fields(Member):
         va, vb = getattr(a, f.name), getattr(b, f.name)
         if va is not None and vb is not None and va != vb:
-            raise ValueError(f"cannot combine pairs: the {side} member's {f.name} is {va!r} in one and {vb!r} in the other")
+            raise ValueError(f"cannot combine pairs: the {side} member's {f.name} is {va!r} in one and {vb!r} "
+                             "in the other")
         values[f.name] = va if va is not None else vb
     return Member(**values)
 
