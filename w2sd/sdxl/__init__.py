@@ -7,3 +7,6 @@ from .text_encoder import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
+from .denoiser import SDXLConditioning, SDXLDenoiser
+from .pairs import Member, Pair, Setting, combine, full_model_pair, guidance_pair, lora_pair, prompt_pair
+from .pipeline import Generation, SDXLPipeline, initial_latents
