@@ -15,6 +15,7 @@ from pathlib import Path
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "clip_bpe" / BPE_FILE_NAME,
     Path("/work/shared/data/clip_bpe") / BPE_FILE_NAME,
     Path(__file__).resolve().parents[1] / "w2sd" / "sdxl" / BPE_FILE_NAME,
 )

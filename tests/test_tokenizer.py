@@ -40,7 +40,10 @@ transformers = pytest.importorskip("transformers")
 MAX_LENGTH = 77  # SDXL tokenizer_config.json model_max_length
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BOS_ID, EOS_ID, BANG_ID = 49406, 49407, 0  # ids in the CLIP vocab (sdxl.md section 4.1)
-PROMPTS_DIR = Path("/work/shared/data/prompts")
+# ../shared beside the checkout (as in CI), else the workplace's /work/shared
+PROMPTS_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts",
+                                Path("/work/shared/data/prompts")) if d.is_dir()),
+                   Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts")
 PAD_VARIANTS = {"tokenizer": EOS, "tokenizer_2": "!"}
 
 
