@@ -29,8 +29,8 @@ from w2sd.errors import LoRAError
 from w2sd.lora import attach_lora, diffusers_to_sgm_module_paths, kohya_name_table, lora_target_paths
 from w2sd.sdxl.unet import UNet2DConditionModel, UNetConfig
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import diffusers  # noqa: E402  (test extra; a missing oracle must fail, not skip)
+import transformers  # noqa: E402  (test extra; a missing oracle must fail, not skip)
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 
 # research/sdxl.md §2.1 (SDXL base 1.0 unet/config.json)
