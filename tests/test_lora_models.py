@@ -20,23 +20,11 @@ from w2sd.lora.kohya_names import diffusers_to_sgm_module_paths, lora_target_pat
 from w2sd.sdxl.text_encoder import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from w2sd.sdxl.unet import UNet2DConditionModel, UNetConfig
 
+from helpers_tiny_sdxl import TINY_UNET_CONFIG  # noqa: E402  (research/sdxl.md §8.2 tiny SDXL topology)
+
 WEIGHT_NOISE = 0.05
 # research/sdxl.md §8.2: same block topology as SDXL (DownBlock2D + 2 cross-attn blocks, depth [1, 2, 2]).
-TINY_UNET = dict(
-    block_out_channels=(32, 64, 64),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 2),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4, 4),
-    cross_attention_dim=64,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8,
-    sample_size=16,
-    norm_num_groups=8,
-)
+TINY_UNET = TINY_UNET_CONFIG
 TINY_TE = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, projection_dim=32,
                vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 SEQ = 8  # text length used in the tests (positions 0..7 of the 77)

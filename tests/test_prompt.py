@@ -39,20 +39,12 @@ try:  # prefer w2sd's own tokenizer (written in parallel); fall back to wrapping
 except ImportError:  # pragma: no cover - depends on the state of the tree
     W2SDTokenizer = None
 
+from helpers_tiny_sdxl import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG  # noqa: E402
+
 SEED = 0
 WEIGHT_NOISE = 0.1
 ATOL = 1e-5  # max abs error, float32 on CPU
-TE_TINY = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_attention_heads=4,
-    num_hidden_layers=3,
-    projection_dim=32,
-    vocab_size=49408,
-    eos_token_id=2,
-    bos_token_id=0,
-    pad_token_id=1,
-)
+TE_TINY = TINY_TEXT_CONFIG
 
 
 def _perturbed(model):
@@ -70,30 +62,8 @@ def _pipe_parts():
     te2 = _perturbed(
         transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TE_TINY, hidden_act="gelu"))
     )
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        transformer_layers_per_block=[1, 2, 2],
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 4),
-        cross_attention_dim=64,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-        sample_size=16,
-        norm_num_groups=8,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET_CONFIG)
+    vae = diffusers.AutoencoderKL(**TINY_VAE_CONFIG)
     scheduler = diffusers.DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
         clip_sample=False, timestep_spacing="leading",
