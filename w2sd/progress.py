@@ -38,10 +38,10 @@ class ProgressBar:
         filled = int(round(frac * self.width))
         elapsed = now - self.start
         rate = self.count / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.count) / rate if rate > 0 else float("nan")
+        eta = f"{(self.total - self.count) / rate:5.1f}s" if rate > 0 else "    ?"
         extra = " ".join(f"{k}={v}" for k, v in getattr(self, "postfix", {}).items())
         line = (f"\r{self.desc} |{'#' * filled}{'.' * (self.width - filled)}| {self.count}/{self.total} "
-                f"[{elapsed:5.1f}s<{eta:5.1f}s, {rate:6.2f} it/s] {extra}")
+                f"[{elapsed:5.1f}s<{eta}, {rate:6.2f} it/s] {extra}")
         self.stream.write(line)
         self.stream.flush()
 
