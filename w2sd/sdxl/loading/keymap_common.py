@@ -50,24 +50,28 @@ class PrefixKeyMap:
                 return table[prefix], key[len(prefix) :]
         return None
 
-    def forward(self, key: str) -> tuple[str, bool] | None:
-        """Original key -> ``(diffusers key, squeeze_1x1)``, or ``None`` when no rule places it."""
-        found = self._find(key, self._by_src)
+    def _translate(self, key: str, reverse: bool) -> tuple[str, bool] | None:
+        """Map ``key`` through the longest matching block rule, original -> diffusers or (``reverse``) back."""
+        found = self._find(key, self._by_dst if reverse else self._by_src)
         if found is None:
             return None
         rule, rest = found
+        src, dst = (rule.dst, rule.src) if reverse else (rule.src, rule.dst)
         if rule.renames is None:
-            return rule.dst + rest, False
+            return dst + rest, False
         for r in rule.renames:
-            if rest.startswith(r.src):
-                return rule.dst + r.dst + rest[len(r.src) :], r.squeeze_1x1
+            r_src, r_dst = (r.dst, r.src) if reverse else (r.src, r.dst)
+            if rest.startswith(r_src):
+                return dst + r_dst + rest[len(r_src) :], r.squeeze_1x1
         return None
+
+    def forward(self, key: str) -> tuple[str, bool] | None:
+        """Original key -> ``(diffusers key, squeeze_1x1)``, or ``None`` when no rule places it."""
+        return self._translate(key, reverse=False)
 
     def inverse(self, key: str) -> tuple[str, bool] | None:
         """Diffusers key -> ``(original key, squeeze_1x1)``, or ``None``."""
-        found = self._find(key, self._by_dst)
-        if found is None:
-            return None
+        return self._translate(key, reverse=True)
         rule, rest = found
         if rule.renames is None:
             return rule.src + rest, False

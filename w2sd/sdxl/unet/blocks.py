@@ -38,6 +38,15 @@ def resnet_kwargs(
                 output_scale_factor=output_scale_factor, time_embedding_norm=time_embedding_norm)
 
 
+
+def _downsample(h: torch.Tensor, downsamplers: nn.ModuleList | None, skips: list[torch.Tensor]) -> torch.Tensor:
+    """The optional downsampler that ends a down block; its output is a skip connection too."""
+    if downsamplers is not None:
+        for down in downsamplers:
+            h = down(h)
+        skips.append(h)
+    return h
+
 class DownBlock2D(nn.Module):
     """``num_layers`` resnets, then an optional stride-2 downsampler. No attention."""
 
@@ -58,11 +67,7 @@ class DownBlock2D(nn.Module):
         for resnet in self.resnets:
             h = resnet(h, temb)
             skips.append(h)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                h = down(h)
-            skips.append(h)
-        return h
+        return _downsample(h, self.downsamplers, skips)
 
 
 class CrossAttnDownBlock2D(nn.Module):
@@ -91,11 +96,7 @@ class CrossAttnDownBlock2D(nn.Module):
         for resnet, attn in zip(self.resnets, self.attentions):
             h = attn(resnet(h, temb), context)
             skips.append(h)
-        if self.downsamplers is not None:
-            for down in self.downsamplers:
-                h = down(h)
-            skips.append(h)
-        return h
+        return _downsample(h, self.downsamplers, skips)
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
